@@ -1,0 +1,197 @@
+"""`QDyLoraConfig`: what to draw at each step, how to train it, and what to evaluate.
+
+The config lives beside the standard PEFT adapter as `qdylora_config.json`, so any
+adapter folder says how it was trained and, once measured, how good each rank is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+
+CONFIG_NAME = "qdylora_config.json"
+
+DISTRIBUTIONS = ("uniform", "log_uniform")
+UPDATE_MODES = ("full", "frozen")
+SAMPLE_EVERY = ("optimizer_step", "micro_batch")
+TRUNCATIONS = ("slice", "mask")
+
+
+def default_eval_ranks(r_min: int, r_max: int) -> list[int]:
+    """A spread for the sweep: r_min, the powers of two in between, and r_max."""
+    ranks = {r_min, r_max}
+    p = 1
+    while p < r_max:
+        if p >= r_min:
+            ranks.add(p)
+        p *= 2
+    return sorted(ranks)
+
+
+@dataclass
+class QDyLoraConfig:
+    """Settings of a QDyLoRA run (one adapter trained so that every rank r_min..r_max works).
+
+    Attributes:
+        r_min: Smallest rank drawn during training and accepted afterwards (>= 1).
+        r_max: Largest rank, the adapter's stored rank. `None` takes the LoRA config's `r`.
+        distribution: How b is drawn from r_min..r_max: `"uniform"` (the paper) or
+            `"log_uniform"` (probability proportional to 1/b, more steps at low ranks).
+        ranks: Draw only from this set (e.g. `[1, 8, 16, 32, 64]`) instead of every
+            integer in r_min..r_max; `distribution` then weights the set.
+        update: `"full"` trains all first b rows/columns (the QDyLoRA paper, default);
+            `"frozen"` detaches rows/columns 0..b-2 so only row/column b-1 learns
+            (DyLoRA's nested-dropout mode).
+        sample_every: `"optimizer_step"` draws one b per optimizer step, shared by every
+            micro-batch of a gradient-accumulation window (the reference); `"micro_batch"`
+            draws a new b for every micro-batch.
+        eval_ranks: Ranks the sweep measures by default. `None` means `ranks` if given,
+            else r_min, the powers of two in between, and r_max.
+        seed: Seed of the rank sequence. `None` takes `TrainingArguments.seed`. The rank
+            at a step depends only on (seed, step), so every process and every resumed
+            run draws the same sequence.
+        truncation: How the adapter runs at rank b: `"slice"` uses A[:b] and B[:, :b]
+            (cost follows b); `"mask"` zeroes the rank dimension past b (every parameter
+            keeps its full shape in the graph; a fallback for sharding engines).
+    """
+
+    r_min: int = 1
+    r_max: int | None = None
+    distribution: str = "uniform"
+    ranks: list[int] | None = None
+    update: str = "full"
+    sample_every: str = "optimizer_step"
+    eval_ranks: list[int] | None = None
+    seed: int | None = None
+    truncation: str = "slice"
+
+    def __post_init__(self) -> None:
+        _check_choice("distribution", self.distribution, DISTRIBUTIONS)
+        _check_choice("update", self.update, UPDATE_MODES)
+        _check_choice("sample_every", self.sample_every, SAMPLE_EVERY)
+        _check_choice("truncation", self.truncation, TRUNCATIONS)
+        if not _is_int(self.r_min) or self.r_min < 1:
+            raise InputError(f"r_min must be an integer >= 1, got {self.r_min!r}")
+        if self.r_max is not None:
+            if not _is_int(self.r_max) or self.r_max < self.r_min:
+                raise InputError(f"r_max must be an integer >= r_min ({self.r_min}), got {self.r_max!r}")
+        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+            raise InputError(f"seed must be a non-negative integer, got {self.seed!r}")
+        for name in ("ranks", "eval_ranks"):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            values = list(values)
+            if not values or not all(_is_int(v) for v in values):
+                raise InputError(f"{name} must be a non-empty list of integers, got {values!r}")
+            setattr(self, name, sorted(set(values)))
+            self.check_ranks(getattr(self, name), what=name)
+
+    # -- rank range ---------------------------------------------------------------------
+    def check_ranks(self, ranks: list[int], what: str = "rank") -> None:
+        """Raise `InputError` unless every rank lies in r_min..r_max."""
+        hi = self.r_max if self.r_max is not None else float("inf")
+        bad = [r for r in ranks if not _is_int(r) or r < self.r_min or r > hi]
+        if bad:
+            top = self.r_max if self.r_max is not None else "r_max"
+            raise InputError(f"{what} {bad} outside the trained range {self.r_min}..{top}")
+
+    def resolve(self, r_max: int, seed: int) -> QDyLoraConfig:
+        """A copy with r_max and seed filled in from the LoRA config and TrainingArguments."""
+        if self.r_max is not None and self.r_max != r_max:
+            raise InputError(
+                f"QDyLoraConfig.r_max={self.r_max} but the LoRA adapter has r={r_max}; "
+                "leave r_max unset or set the LoRA config's r to the maximum rank"
+            )
+        resolved = dataclasses.replace(self, r_max=r_max, seed=self.seed if self.seed is not None else seed)
+        return resolved
+
+    @property
+    def candidate_ranks(self) -> list[int]:
+        """Every rank training may draw."""
+        if self.r_max is None:
+            raise InputError("r_max is not known yet: resolve the config against the LoRA adapter first")
+        return list(self.ranks) if self.ranks else list(range(self.r_min, self.r_max + 1))
+
+    @property
+    def sweep_ranks(self) -> list[int]:
+        """The ranks the sweep measures when none are given."""
+        if self.eval_ranks:
+            return list(self.eval_ranks)
+        if self.ranks:
+            return list(self.ranks)
+        if self.r_max is None:
+            raise InputError("r_max is not known yet: resolve the config against the LoRA adapter first")
+        return default_eval_ranks(self.r_min, self.r_max)
+
+    # -- disk ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QDyLoraConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(f"unknown QDyLoRA setting(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**data)
+
+    def save_pretrained(self, directory: str | os.PathLike, **extra: Any) -> Path:
+        """Write qdylora_config.json (this config, the package version and `extra`, e.g. the sweep)."""
+        path = Path(directory) / CONFIG_NAME
+        payload = read_config_file(path.parent) if path.exists() else {}
+        payload.update({"qdylora_version": _version(), "config": self.to_dict()})
+        payload.update(extra)
+        write_json_atomic(path, payload)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> QDyLoraConfig:
+        """Read the config of an adapter folder trained with qdylora."""
+        return cls.from_dict(read_config_file(directory)["config"])
+
+
+def read_config_file(directory: str | os.PathLike) -> dict[str, Any]:
+    """The whole qdylora_config.json of a folder (config, version, sweep results)."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise InputError(
+            f"{directory} has no {CONFIG_NAME}: it was not trained with qdylora "
+            "(a plain LoRA adapter has no meaningful lower ranks)"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict) or "config" not in data:
+        raise InputError(f"{path} has no 'config' section; is it a qdylora file?")
+    return data
+
+
+def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
+    """Write JSON next to `path` and rename it into place, so a crash leaves the old file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise InputError(f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__

@@ -1,0 +1,256 @@
+"""`load_model`: a causal LM on an NF4 double-quantized base, checked to really be 4-bit.
+
+transformers 5.x only swaps modules whose type *is* nn.Linear for bitsandbytes layers,
+so models whose linears subclass nn.Linear (Falcon's FalconLinear, ...) load silently in
+full precision. We widen that check while the model loads, then verify the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import InputError
+
+
+def default_compute_dtype() -> torch.dtype:
+    """bf16 on a GPU that supports it, else fp32 (CPU kernels want fp32)."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def default_device_map() -> dict[str, Any]:
+    """One whole model per process: the local GPU under accelerate/torchrun, else CPU."""
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return {"": "cpu"}
+
+
+def _dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    try:
+        dtype = getattr(torch, str(value).replace("torch.", ""))
+    except AttributeError:
+        dtype = None
+    if not isinstance(dtype, torch.dtype):
+        raise InputError(f"unknown dtype {value!r}; use float32, bfloat16 or float16")
+    return dtype
+
+
+def bnb_config(compute_dtype: torch.dtype | str | None = None, quant_storage: torch.dtype | str | None = None):
+    """QLoRA's quantization: NF4 with double quantization, computing in `compute_dtype`."""
+    from transformers import BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {}
+    if quant_storage is not None:
+        kwargs["bnb_4bit_quant_storage"] = _dtype(quant_storage)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=_dtype(compute_dtype) or default_compute_dtype(),
+        **kwargs,
+    )
+
+
+@contextlib.contextmanager
+def linear_subclasses_quantizable() -> Iterator[None]:
+    """While loading, let bitsandbytes replace nn.Linear subclasses too (e.g. FalconLinear).
+
+    Their forward is y = x W^T + b like nn.Linear, so the Linear4bit that replaces them
+    computes the same thing. Modules that stay unconverted (lm_head, ...) get their own
+    class back.
+    """
+    import transformers.integrations as integrations
+    import transformers.integrations.bitsandbytes as bnb_integration
+
+    original = bnb_integration.replace_with_bnb_linear
+
+    @functools.wraps(original)
+    def widened(model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+        swapped = {}
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and type(module) is not nn.Linear:
+                swapped[name] = type(module)
+                module.__class__ = nn.Linear
+        model = original(model, *args, **kwargs)
+        for name, cls in swapped.items():
+            module = model.get_submodule(name)
+            if type(module) is nn.Linear:
+                module.__class__ = cls
+        return model
+
+    integrations.replace_with_bnb_linear = widened
+    bnb_integration.replace_with_bnb_linear = widened
+    try:
+        yield
+    finally:
+        integrations.replace_with_bnb_linear = original
+        bnb_integration.replace_with_bnb_linear = original
+
+
+def unquantized_linears(model: nn.Module) -> list[str]:
+    """Names of linear layers left in full precision that the quantizer meant to convert."""
+    import bitsandbytes as bnb
+
+    quantizer = getattr(model, "hf_quantizer", None)
+    skip = list(getattr(quantizer, "modules_to_not_convert", None) or [])
+    out = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or isinstance(module, bnb.nn.Linear4bit):
+            continue
+        if any(name == s or name.startswith(s + ".") or name.endswith("." + s) for s in skip):
+            continue
+        out.append(name)
+    return out
+
+
+def check_4bit(model: nn.Module) -> int:
+    """Raise unless every linear that should be is NF4 with double quant; return how many are."""
+    import bitsandbytes as bnb
+
+    left = unquantized_linears(model)
+    if left:
+        raise RuntimeError(
+            f"4-bit quantization did not happen for {len(left)} linear layer(s), e.g. {left[:3]}; "
+            "this model's linear class is not handled by bitsandbytes in this transformers version"
+        )
+    n = 0
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = module.weight.quant_state
+            if state is None or state.quant_type != "nf4" or not state.nested:
+                raise RuntimeError(f"{name} is 4-bit but not NF4 with double quantization")
+            n += 1
+    if n == 0:
+        raise RuntimeError("no layer was quantized to 4 bits")
+    return n
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    *,
+    load_in_4bit: bool = True,
+    compute_dtype: torch.dtype | str | None = None,
+    quant_storage: torch.dtype | str | None = None,
+    device_map: Any = None,
+    trust_remote_code: bool = False,
+    gradient_checkpointing: bool = False,
+    prepare_for_training: bool = True,
+    **from_pretrained_kwargs: Any,
+):
+    """Load a causal LM for QDyLoRA: NF4 + double quant (QLoRA), ready for k-bit training.
+
+    Args:
+        name_or_path: A local folder or a hub id (safetensors weights).
+        load_in_4bit: Quantize to NF4. False loads in `compute_dtype` (for comparisons).
+        compute_dtype: Dtype of the matmuls; default bf16 on capable GPUs, else fp32.
+        quant_storage: Storage dtype of packed 4-bit weights; set it to the float dtype
+            under DeepSpeed ZeRO-3 / FSDP so the engine can shard them.
+        device_map: Passed to from_pretrained; default the process's GPU, else CPU.
+        trust_remote_code: Run code shipped with the model; off unless you turn it on.
+        gradient_checkpointing: Passed to peft.prepare_model_for_kbit_training.
+        prepare_for_training: Run peft.prepare_model_for_kbit_training on a 4-bit model.
+        **from_pretrained_kwargs: Anything else AutoModelForCausalLM.from_pretrained takes.
+
+    Raises:
+        RuntimeError: if 4-bit loading was asked for and some layer was not quantized.
+    """
+    from transformers import AutoModelForCausalLM
+
+    compute = _dtype(compute_dtype) or default_compute_dtype()
+    kwargs: dict[str, Any] = dict(
+        device_map=device_map if device_map is not None else default_device_map(),
+        trust_remote_code=trust_remote_code,
+        dtype=compute,
+        # never unpickle weights: safetensors only (a GGUF file is parsed, not unpickled)
+        use_safetensors=None if "gguf_file" in from_pretrained_kwargs else True,
+    )
+    kwargs.update(from_pretrained_kwargs)
+    if str(name_or_path).startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(name_or_path)):
+        raise InputError(f"model folder {name_or_path} does not exist")
+    if not load_in_4bit:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+
+    kwargs["quantization_config"] = bnb_config(compute, quant_storage)
+    with linear_subclasses_quantizable():
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    check_4bit(model)
+    if prepare_for_training:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    return model
+
+
+def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """adapter_config.json of a PEFT adapter folder, after checking the folder is complete."""
+    import json
+    from pathlib import Path
+
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise InputError(f"adapter folder {adapter_dir} does not exist")
+    cfg_path = adapter_dir / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise InputError(f"{adapter_dir} has no adapter_config.json: it is not a PEFT adapter folder")
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        raise InputError(
+            f"{adapter_dir} has no adapter_model.safetensors (qdylora never unpickles .bin weights; "
+            "re-save the adapter with safe_serialization=True)"
+        )
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{cfg_path} is not valid JSON: {exc}") from exc
+
+
+def load_adapter(
+    adapter_dir: str | os.PathLike,
+    *,
+    base_model: str | None = None,
+    load_in_4bit: bool = True,
+    compute_dtype: torch.dtype | str | None = None,
+    trust_remote_code: bool = False,
+    is_trainable: bool = False,
+):
+    """Load a qdylora adapter on its base: returns (peft_model, tokenizer, QDyLoraConfig).
+
+    The base is `base_model` or the adapter's `base_model_name_or_path`, loaded in NF4
+    by default (the weights the adapter was trained against).
+    """
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    from .config import QDyLoraConfig
+    from .data import load_tokenizer
+
+    peft_cfg = read_adapter_config(adapter_dir)
+    config = QDyLoraConfig.from_pretrained(adapter_dir)
+    base = base_model or peft_cfg.get("base_model_name_or_path")
+    if not base:
+        raise InputError(f"{adapter_dir} does not name its base model; pass --base MODEL")
+    model = load_model(
+        base,
+        load_in_4bit=load_in_4bit,
+        compute_dtype=compute_dtype,
+        trust_remote_code=trust_remote_code,
+        prepare_for_training=is_trainable,
+    )
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"the adapter in {adapter_dir} does not fit the base model {base}: {first}") from exc
+    has_tok = any((Path(adapter_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = load_tokenizer(str(adapter_dir) if has_tok else base, trust_remote_code)
+    return peft_model, tokenizer, config

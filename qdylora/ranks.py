@@ -1,0 +1,208 @@
+"""The rank mechanics of QDyLoRA, in one place.
+
+- `RankSampler` draws the rank b of a step from (seed, step) alone, so every process of a
+  distributed run and every resumed run gets the same sequence without communication.
+- `DynamicRank` makes every LoRA layer of a PEFT model compute
+
+      h = W0 x + s(b) * B[:, :b] A[:b, :] x,   s(b) = alpha / b  (alpha / sqrt(b) with rsLoRA)
+
+  at the active rank b. That is exactly what PEFT computes for an adapter stored with
+  r = b and the same lora_alpha, which is why a rank-b export needs no qdylora code.
+- `rank_scope(model, b)` sets the active rank for the forward passes inside it. Outside
+  any scope the adapter runs at its full rank r_max.
+
+Truncation wraps the `forward` of each `lora_A[adapter]` / `lora_B[adapter]` module,
+which every PEFT LoRA layer type (nn.Linear, bitsandbytes Linear4bit / Linear8bitLt)
+calls as a module. "slice" uses A[:b] and B[:, :b] (compute follows b); "mask" keeps
+the full shapes and multiplies the rank dimension by a 0/1 mask (for engines that
+partition parameters). In both, gradients past b are exactly zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InputError
+
+_ATTR = "_qdylora_dynamic_rank"
+
+
+class RankSampler:
+    """Draws b for a (step, micro-batch) from a fixed seed; no state, no communication."""
+
+    def __init__(self, ranks: Sequence[int], distribution: str = "uniform", seed: int = 0) -> None:
+        self.ranks = np.array(sorted(ranks), dtype=np.int64)
+        if distribution == "uniform":
+            weights = np.ones(len(self.ranks))
+        elif distribution == "log_uniform":
+            weights = 1.0 / self.ranks
+        else:
+            raise InputError(f"distribution={distribution!r} is not allowed; choose uniform or log_uniform")
+        self.probs = weights / weights.sum()
+        self.seed = int(seed)
+
+    @classmethod
+    def from_config(cls, config) -> RankSampler:
+        return cls(config.candidate_ranks, config.distribution, config.seed)
+
+    def draw(self, step: int, micro_batch: int = 0) -> int:
+        """The rank of optimizer step `step` (and micro-batch `micro_batch` within it)."""
+        rng = np.random.default_rng([self.seed, int(step), int(micro_batch)])
+        return int(rng.choice(self.ranks, p=self.probs))
+
+
+@dataclass
+class _State:
+    rank: int | None = None  # None: full rank
+    frozen: bool = False  # detach rows/columns 0..b-2 (DyLoRA's "frozen" update)
+    truncation: str = "slice"
+
+
+def lora_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, nn.Module]]:
+    """The PEFT LoRA layers of `model` that carry `adapter_name` as lora_A/lora_B modules."""
+    from peft.tuners.lora import LoraLayer
+
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, LoraLayer) and adapter_name in getattr(m, "lora_A", {})
+    ]
+
+
+def check_lora_model(model: nn.Module) -> tuple[nn.Module, str]:
+    """Return (peft_model, adapter_name), or raise naming what was found instead."""
+    peft_model = unwrap(model)
+    from peft import PeftModel
+
+    if not isinstance(peft_model, PeftModel):
+        raise InputError(
+            f"QDyLoRA needs a PEFT model with LoRA adapters, got {type(peft_model).__name__}; "
+            "wrap it with peft.get_peft_model(model, LoraConfig(...)) first"
+        )
+    adapter = peft_model.active_adapter
+    config = peft_model.peft_config[adapter]
+    kind = getattr(config.peft_type, "value", config.peft_type)
+    if kind != "LORA":
+        raise InputError(f"QDyLoRA needs a LoRA adapter, got a {kind} adapter ({type(config).__name__})")
+    if getattr(config, "use_dora", False):
+        raise InputError("DoRA adapters are not supported: its magnitude vector has no rank-b truncation")
+    layers = lora_layers(peft_model, adapter)
+    if not layers:
+        raise InputError("the PEFT model has no LoRA layers for its active adapter")
+    for name, layer in layers:
+        if not isinstance(layer.lora_A[adapter], nn.Linear) or not isinstance(layer.lora_B[adapter], nn.Linear):
+            raise InputError(f"{name}: only linear LoRA layers can change rank, got {type(layer).__name__}")
+    if any(adapter in getattr(m, "lora_embedding_A", {}) for _, m in peft_model.named_modules()):
+        raise InputError("LoRA on embedding layers is not supported by QDyLoRA; target linear layers only")
+    return peft_model, adapter
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Strip DDP / DeepSpeed / FSDP style wrappers (`.module`) down to the model itself."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+class DynamicRank:
+    """Makes the LoRA layers of one adapter of a PEFT model run at an adjustable rank."""
+
+    def __init__(self, model: nn.Module, truncation: str = "slice") -> None:
+        self.model, self.adapter_name = check_lora_model(model)
+        config = self.model.peft_config[self.adapter_name]
+        self.use_rslora = bool(getattr(config, "use_rslora", False))
+        self.state = _State(truncation=truncation)
+        self._wrapped: list[nn.Module] = []
+        self.r_max = 0
+        for _, layer in lora_layers(self.model, self.adapter_name):
+            r = int(layer.r[self.adapter_name])
+            self.r_max = max(self.r_max, r)
+            a, b = layer.lora_A[self.adapter_name], layer.lora_B[self.adapter_name]
+            a.forward = functools.partial(_forward_a, a, r, self.state)
+            b.forward = functools.partial(_forward_b, b, r, self.state, self.use_rslora)
+            self._wrapped += [a, b]
+        self.model.__dict__[_ATTR] = self
+
+    @classmethod
+    def of(cls, model: nn.Module, truncation: str = "slice") -> DynamicRank:
+        """The DynamicRank installed on `model`, installing one if there is none."""
+        inner = unwrap(model)
+        found = inner.__dict__.get(_ATTR)
+        if found is None:
+            found = cls(inner, truncation=truncation)
+        return found
+
+    @property
+    def rank(self) -> int:
+        """The rank forward passes currently run at."""
+        return self.r_max if self.state.rank is None else self.state.rank
+
+    @contextlib.contextmanager
+    def scope(self, rank: int | None, frozen: bool = False) -> Iterator[None]:
+        if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= self.r_max):
+            raise InputError(f"rank {rank!r} outside the adapter's range 1..{self.r_max}")
+        saved = (self.state.rank, self.state.frozen)
+        self.state.rank, self.state.frozen = rank, frozen
+        try:
+            yield
+        finally:
+            self.state.rank, self.state.frozen = saved
+
+    def remove(self) -> None:
+        """Restore PEFT's own forward on every wrapped module."""
+        for m in self._wrapped:
+            m.__dict__.pop("forward", None)
+        self._wrapped.clear()
+        self.model.__dict__.pop(_ATTR, None)
+
+
+def rank_scope(model: nn.Module, rank: int | None) -> contextlib.AbstractContextManager[None]:
+    """Run the forward passes inside the `with` block at LoRA rank `rank` (None: full rank).
+
+    Works on any PEFT LoRA model (trained by qdylora or loaded with PeftModel.from_pretrained).
+    """
+    return DynamicRank.of(model).scope(rank)
+
+
+def rank_scale(b: int, r: int, use_rslora: bool) -> float:
+    """s(b) / s(r): the factor that turns PEFT's scaling at rank r into the scaling at rank b."""
+    return math.sqrt(r / b) if use_rslora else r / b
+
+
+def _rank_weight(weight: torch.Tensor, b: int, state: _State, dim: int) -> torch.Tensor:
+    """The rank-b part of lora_A (dim 0) or lora_B (dim 1), frozen rows detached."""
+    if state.truncation == "slice":
+        w = weight.narrow(dim, 0, b)
+        if state.frozen and b > 1:
+            w = torch.cat([w.narrow(dim, 0, b - 1).detach(), w.narrow(dim, b - 1, 1)], dim=dim)
+        return w
+    shape = [1, 1]
+    shape[dim] = weight.shape[dim]
+    idx = torch.arange(weight.shape[dim], device=weight.device).view(shape)
+    w = torch.where(idx == b - 1, weight, weight.detach()) if state.frozen else weight
+    return w * (idx < b).to(weight.dtype)
+
+
+def _forward_a(module: nn.Linear, r: int, state: _State, x: torch.Tensor) -> torch.Tensor:
+    b = state.rank
+    if b is None or (b >= r and not state.frozen):
+        return F.linear(x, module.weight, module.bias)
+    return F.linear(x, _rank_weight(module.weight, min(b, r), state, 0), None)
+
+
+def _forward_b(module: nn.Linear, r: int, state: _State, use_rslora: bool, h: torch.Tensor) -> torch.Tensor:
+    b = state.rank
+    if b is None or (b >= r and not state.frozen):
+        return F.linear(h, module.weight, module.bias)
+    b = min(b, r)
+    out = F.linear(h, _rank_weight(module.weight, b, state, 1), module.bias)
+    return out * rank_scale(b, r, use_rslora)
