@@ -8,6 +8,7 @@ full precision. We widen that check while the model loads, then verify the resul
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 from collections.abc import Iterator
@@ -254,3 +255,18 @@ def load_adapter(
     has_tok = any((Path(adapter_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = load_tokenizer(str(adapter_dir) if has_tok else base, trust_remote_code)
     return peft_model, tokenizer, config
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """The full-precision weight a bitsandbytes Linear4bit computes with (W0 = dequant(NF4(W))).
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights in place at the first
+    inference forward; this undoes that packing on a copy before dequantizing.
+    """
+    import bitsandbytes.functional as bnbf
+
+    weight = module.weight
+    data, state = weight.data, weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        data, state = bnbf._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
+    return bnbf.dequantize_4bit(data, state)
