@@ -7,7 +7,7 @@ from typing import Any
 from transformers import Trainer
 
 from ..config import QDyLoraConfig
-from ..ranks import DynamicRank, RankSampler
+from ..ranks import DynamicRank, RankSampler, check_lora_model
 from .sweep import SweepResult, run_sweep
 
 
@@ -28,6 +28,9 @@ class QDyLoraMixin:
     """
 
     def __init__(self, *args: Any, qdylora_config: QDyLoraConfig | None = None, **kwargs: Any) -> None:
+        model = kwargs.get("model", args[0] if args else None)
+        if model is not None:
+            check_lora_model(model)  # before Trainer's own checks, with a message naming what was found
         super().__init__(*args, **kwargs)
         config = qdylora_config if qdylora_config is not None else QDyLoraConfig()
         self.dynamic_rank = DynamicRank.of(self.model, truncation=config.truncation)
