@@ -34,6 +34,7 @@ def make_trainer(model_dir, datasets_, tmp_path, config=None, cls=QDyLoraTrainer
         disable_tqdm=True,
     )
     defaults.update(args)
+    torch.manual_seed(0)  # the same LoRA initialisation in every trainer built here
     return cls(
         model=model if model is not None else lora_model(model_dir, r=8, random_init=False),
         args=TrainingArguments(**defaults),
@@ -187,3 +188,17 @@ def test_mixin_composes_with_any_trainer_subclass(tiny_llama, datasets_, tmp_pat
 def test_r_max_mismatch_is_explained(tiny_llama, datasets_, tmp_path):
     with pytest.raises(InputError, match="r=8"):
         make_trainer(tiny_llama, datasets_, tmp_path, QDyLoraConfig(r_max=16))
+
+
+def test_gradient_checkpointing_recomputes_at_the_drawn_rank(tiny_llama, datasets_, tmp_path):
+    """The backward recomputation must see the step's rank: same adapter with and without checkpointing."""
+    plain = make_trainer(tiny_llama, datasets_, tmp_path / "a", max_steps=4)
+    plain.train()
+    ckpt = make_trainer(tiny_llama, datasets_, tmp_path / "b", max_steps=4, gradient_checkpointing=True,
+                        gradient_checkpointing_kwargs={"use_reentrant": False})
+    ckpt.train()
+    assert ckpt.rank_history == plain.rank_history
+    a = dict(plain.model.named_parameters())
+    for name, p in ckpt.model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p, a[name], rtol=1e-4, atol=1e-6)
