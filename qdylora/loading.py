@@ -114,6 +114,22 @@ def unquantized_linears(model: nn.Module) -> list[str]:
     return out
 
 
+def keep_4bit_trainable(model: nn.Module) -> None:
+    """Stop bitsandbytes from repacking NF4 weights for its bf16 CPU inference kernel.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks every Linear4bit at its first
+    no-grad eval-mode forward. The repacked kernel has no backward, so after any
+    evaluation no gradient flows through the 4-bit base any more (silently: only a
+    warning) and inference runs in bf16 whatever the compute dtype. We keep the
+    unpacked fp32 path: the same numbers in training, evaluation and generation.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+
+
 def check_4bit(model: nn.Module) -> int:
     """Raise unless every linear that should be is NF4 with double quant; return how many are."""
     import bitsandbytes as bnb
@@ -185,6 +201,7 @@ def load_model(
     with linear_subclasses_quantizable():
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     check_4bit(model)
+    keep_4bit_trainable(model)
     if prepare_for_training:
         from peft import prepare_model_for_kbit_training
 

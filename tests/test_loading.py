@@ -57,3 +57,25 @@ def test_missing_folder_is_a_clear_error(tmp_path):
 def test_unknown_dtype_is_a_clear_error(tiny_llama):
     with pytest.raises(InputError, match="unknown dtype"):
         load_model(tiny_llama, compute_dtype="float13")
+
+
+def test_an_evaluation_does_not_change_the_gradients(tiny_llama):
+    """bitsandbytes' CPU bf16 inference repacking would silently cut the backward through the base."""
+    from helpers import lora_model
+
+    model = lora_model(tiny_llama, r=4)
+    ids = torch.randint(0, 300, (2, 10))
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        model.train()
+        model(ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before = grads()
+    model.eval()
+    with torch.no_grad():
+        model(ids)  # an evaluation forward
+    after = grads()
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=1e-4, atol=1e-7)
