@@ -64,7 +64,8 @@ def generate_across_ranks(
         template: How a prompt is written before that, `{prompt}` replaced (use the
             training data's template, e.g. "{prompt}\\n", for adapters trained without chat).
         batch_size: Prompts per `generate` call, left-padded; 1 when the tokenizer has no
-            pad token (padding would need one).
+            pad token (padding would need one). Padding is exact up to rounding, but in
+            bf16 compute a near-tie can flip; 1 makes answers independent of the batch.
         seed: Seed of the sampling RNG, set again before each rank, so with
             `do_sample=True` every rank draws from the same random stream. The caller's
             global RNG state is left as it was.
