@@ -156,6 +156,8 @@ def info(adapter_dir: str, as_json: bool) -> None:
         click.echo("sweep:         not measured yet (qdylora sweep ADAPTER_DIR --data FILE)")
 
 
+from .exporters.cli import export  # noqa: E402
+main.add_command(export)
 from .generate_cli import generate  # noqa: E402
 main.add_command(generate)
 
