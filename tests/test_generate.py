@@ -137,8 +137,9 @@ def test_bad_ranks_and_prompts_refused(trained):
 
 def test_matches_exported_rank_b_peft_adapter(trained, tmp_path):
     """Greedy output at rank b == the exported rank-b adapter loaded by plain PEFT on the same base."""
-    exporters = pytest.importorskip("qdylora.exporters", reason="the exporter (branch exporters) is not merged yet")
     from peft import PeftModel
+
+    from qdylora import exporters
 
     _, adapter = trained
     model, tok, _ = qdylora.loading.load_adapter(adapter)
