@@ -1,0 +1,89 @@
+"""`qdylora export adapter|merged`: ship one rank (or several) of a trained adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import InputError
+
+
+@click.group("export")
+def export() -> None:
+    """Ship a rank of a QDyLoRA adapter as a PEFT/vLLM adapter or a merged model."""
+
+
+def _ranks(rank: str | None, ranks: str | None) -> list[int | str] | None:
+    """--rank B (one folder) or --ranks LIST (one subfolder per rank); None means --rank."""
+    from ..cli import parse_ranks
+
+    if (rank is None) == (ranks is None):
+        raise InputError("give exactly one of --rank B or --ranks LIST (e.g. --ranks 2,8,16)")
+    if ranks is None:
+        return None
+    try:
+        return parse_ranks(None, None, ranks)
+    except click.BadParameter as exc:
+        raise InputError(f"--ranks: {exc.message}") from exc
+
+
+@export.command("adapter")
+@click.argument("adapter_dir", type=click.Path())
+@click.option("--rank", default=None, help="Rank b to export (r_min..r_max), or 'recommended' (the sweep's pick).")
+@click.option("--ranks", default=None, help="Several ranks, e.g. 2,8,16: one subfolder OUT/rank-<b> per rank.")
+@click.option("--out", required=True, type=click.Path(), help="Folder to create.")
+@click.option("--vllm", is_flag=True, help="Check vLLM's rules, pad to an allowed max_lora_rank, print the serve line.")
+@click.option("--pad-to", type=int, default=None, help="Zero-pad to this rank (alpha rescaled; output unchanged).")
+@click.option("--name", default=None, help="Name of the adapter in the vllm serve line (default: ADAPTER_DIR's name).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--force", is_flag=True, help="Export an adapter without qdylora_config.json (not trained with qdylora).")
+def adapter(adapter_dir: str, rank, ranks, out: str, vllm: bool, pad_to, name, overwrite: bool, force: bool) -> None:
+    """Write rank b of ADAPTER_DIR as a standard PEFT LoRA adapter (r = b, same lora_alpha)."""
+    from . import export_adapter, export_adapters, read_export_info, serve_command
+
+    many = _ranks(rank, ranks)
+    if many is None:
+        written = {0: export_adapter(adapter_dir, out, rank, pad_to=pad_to, vllm=vllm, overwrite=overwrite, force=force)}
+    else:
+        written = export_adapters(adapter_dir, out, many, pad_to=pad_to, vllm=vllm, overwrite=overwrite, force=force)
+    infos = {path: read_export_info(path) for path in written.values()}
+    for path, info in infos.items():
+        click.echo(
+            f"rank {info['rank']} of {adapter_dir} (r_max {info['r_max']}) -> {path}  "
+            f"(r={info['r']}, lora_alpha={info['exported_lora_alpha']:g})"
+        )
+    if vllm:
+        stem = name or Path(adapter_dir).resolve().name
+        served = {
+            f"{stem}-r{info['rank']}" if len(infos) > 1 else stem: Path(path).resolve() for path, info in infos.items()
+        }
+        base = next(iter(infos.values()))["base_model"]
+        click.echo("serve with:")
+        click.echo(serve_command(base, served, max(info["r"] for info in infos.values())))
+
+
+@export.command("merged")
+@click.argument("adapter_dir", type=click.Path())
+@click.option("--rank", required=True, help="Rank b to merge (r_min..r_max), or 'recommended' (the sweep's pick).")
+@click.option("--out", required=True, type=click.Path(), help="Model folder to create.")
+@click.option("--base", default=None, help="Base model folder (default: the adapter's base_model_name_or_path).")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True)
+@click.option(
+    "--base-weights", type=click.Choice(["original", "nf4"]), default="original", show_default=True,
+    help="Merge into the checkpoint's W, or into dequant(NF4(W)), the weights QLoRA training saw.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--force", is_flag=True, help="Merge an adapter without qdylora_config.json (not trained with qdylora).")
+def merged(adapter_dir: str, rank: str, out: str, base, dtype: str, base_weights: str, overwrite: bool, force: bool) -> None:
+    """Merge rank b of ADAPTER_DIR into its base: a standalone transformers model folder (streamed shard by shard)."""
+    from .adapter import read_export_info
+    from .merged import export_merged
+
+    path = export_merged(
+        adapter_dir, out, rank, base_model=base, dtype=dtype, base_weights=base_weights, overwrite=overwrite, force=force
+    )
+    info = read_export_info(path)
+    click.echo(
+        f"rank {info['rank']} of {adapter_dir} merged into {info['base_folder']} ({base_weights} weights, {dtype}) -> {path}"
+    )

@@ -1,0 +1,301 @@
+"""Merge one rank of a QDyLoRA adapter into its base, one safetensors shard at a time.
+
+The base is never loaded as a model. For each shard of the base checkpoint we read its
+tensors, add scale * B[:, :b] A[:b] to the weights the adapter targets, cast to the
+output dtype, write the shard and drop it; so peak memory is about one shard plus the
+adapter, whatever the size of the model (Falcon-40B ships in ~10 GB shards).
+
+`base_weights="nf4"` first replaces every weight that QLoRA loading quantizes with
+dequant(NF4(W)) (blocksize 64, double quantization: what bitsandbytes' Linear4bit holds),
+so the merged model computes what the adapter was trained and evaluated against.
+`"original"` merges into W itself (see docs/exporters.md for the trade-off).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from ..loading import _dtype
+from .adapter import EXPORT_INFO
+from .source import PEFT_PREFIX, TOKENIZER_FILES, RankPair, SourceAdapter
+from .staging import staged_output
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+DTYPES = ("float16", "bfloat16", "float32")
+BASE_WEIGHTS = ("original", "nf4")
+NF4_BLOCKSIZE = 64  # bitsandbytes' Params4bit default, what load_in_4bit uses
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+_NOT_COPIED = {"config.json", INDEX_NAME, "pytorch_model.bin.index.json", "README.md", ".gitattributes"}
+
+
+@dataclass
+class BaseCheckpoint:
+    """A base model folder's safetensors shards: which tensors live where, their shapes."""
+
+    folder: Path
+    shards: dict[str, list[str]]  # file name -> tensor names, in file order
+    shapes: dict[str, tuple[int, ...]]
+    config: dict
+
+    @classmethod
+    def read(cls, folder: Path) -> BaseCheckpoint:
+        from safetensors import safe_open
+
+        cfg_path = folder / "config.json"
+        if not cfg_path.is_file():
+            raise InputError(f"base model folder {folder} has no config.json")
+        config = json.loads(cfg_path.read_text())
+        if config.get("quantization_config"):
+            raise InputError(
+                f"the base in {folder} is already quantized ({config['quantization_config'].get('quant_method')}); "
+                "merge into the original full-precision checkpoint (use --base-weights nf4 to get NF4's rounding)"
+            )
+        if (folder / INDEX_NAME).is_file():
+            weight_map = json.loads((folder / INDEX_NAME).read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif (folder / SINGLE_NAME).is_file():
+            files = [SINGLE_NAME]
+        else:
+            raise InputError(
+                f"base model folder {folder} has no safetensors weights (qdylora never unpickles .bin files; "
+                "convert the base to safetensors first)"
+            )
+        shards: dict[str, list[str]] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name in files:
+            try:
+                with safe_open(str(folder / name), "pt") as f:
+                    keys = list(f.keys())
+                    shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in keys})
+            except Exception as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise InputError(f"base shard {folder / name} is missing or unreadable ({first})") from exc
+            shards[name] = keys
+        return cls(folder, shards, shapes, config)
+
+
+def export_merged(
+    adapter_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    rank: int | str,
+    *,
+    base_model: str | os.PathLike | None = None,
+    dtype: str = "float16",
+    base_weights: str = "original",
+    overwrite: bool = False,
+    force: bool = False,
+) -> Path:
+    """Write a standalone transformers model: the base with rank `rank` of the adapter merged in.
+
+    Args:
+        adapter_dir: A QDyLoRA adapter folder (adapter at r_max + qdylora_config.json).
+        out_dir: The model folder to create (written to a temporary folder, then renamed).
+        rank: The rank b (r_min..r_max), or "recommended" (the recorded sweep's pick).
+        base_model: A local base model folder, or a hub id already in the local Hugging
+            Face cache. Default: the adapter's base_model_name_or_path.
+        dtype: Dtype of the written weights: float16, bfloat16 or float32.
+        base_weights: "original" merges into the checkpoint's W; "nf4" into dequant(NF4(W)),
+            the weights the adapter was trained against on a QLoRA base.
+        overwrite: Replace an existing `out_dir`.
+        force: Accept an adapter without qdylora_config.json.
+
+    Returns:
+        `out_dir`, which `AutoModelForCausalLM.from_pretrained` loads.
+    """
+    from tqdm.auto import tqdm
+
+    source = SourceAdapter.open(adapter_dir, force=force)
+    b = source.resolve_rank(rank)
+    if dtype not in DTYPES:
+        raise InputError(f"dtype={dtype!r} is not allowed; choose one of {', '.join(DTYPES)}")
+    if base_weights not in BASE_WEIGHTS:
+        raise InputError(f"base_weights={base_weights!r} is not allowed; choose original or nf4")
+    out_dtype = _dtype(dtype)
+    base_dir = resolve_base(base_model or source.base_model)
+    base = BaseCheckpoint.read(base_dir)
+    edits = plan_edits(source, b, base)
+    quantized = nf4_weight_names(base) if base_weights == "nf4" else set()
+
+    with staged_output(out_dir, overwrite=overwrite, protect=[adapter_dir, base_dir]) as tmp:
+        total = 0
+        for name in tqdm(base.shards, desc="merging shards", unit="shard", disable=len(base.shards) < 2):
+            total += merge_shard(base_dir / name, tmp / name, edits, quantized, out_dtype)
+        weight_map = {k: name for name, keys in base.shards.items() for k in keys}
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        config = dict(base.config)
+        config["dtype"] = dtype
+        if "torch_dtype" in config:
+            config["torch_dtype"] = dtype
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        copy_side_files(base_dir, source, tmp)
+        info = source.provenance(b, kind="merged", base_model=str(base_model or source.base_model),
+                                 base_folder=str(base_dir.resolve()), base_weights=base_weights, dtype=dtype)
+        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    return Path(out_dir)
+
+
+def resolve_base(name: str | os.PathLike | None) -> Path:
+    """A local base folder: the path itself, or a hub id's snapshot in the local HF cache."""
+    if not name:
+        raise InputError("the adapter does not name its base model; pass --base MODEL_DIR")
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_absolute() or str(name).startswith((".", "~")) or str(name).count("/") > 1:
+        raise InputError(f"base model folder {name} does not exist; pass --base MODEL_DIR")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(name), local_files_only=True))
+    except Exception as exc:
+        raise InputError(
+            f"base model {name} is neither a local folder nor in the Hugging Face cache; "
+            f"download it first (hf download {name}) or pass --base MODEL_DIR"
+        ) from exc
+
+
+Edit = Callable[[torch.Tensor], torch.Tensor]
+
+
+def plan_edits(source: SourceAdapter, rank: int, base: BaseCheckpoint) -> dict[str, Edit]:
+    """{base tensor name: function giving its merged fp32 value}, every name and shape checked."""
+    fan_in_fan_out = bool(source.peft_config.get("fan_in_fan_out"))
+    edits: dict[str, Edit] = {}
+
+    def require(key: str, shape: tuple[int, ...], why: str) -> None:
+        if key not in base.shapes:
+            raise InputError(
+                f"the base in {base.folder} has no tensor {key} for {why}; the adapter was trained on another "
+                "model (pass the right --base)"
+            )
+        if tuple(base.shapes[key]) != tuple(shape):
+            raise InputError(
+                f"{key} is {tuple(base.shapes[key])} in the base {base.folder} but the adapter needs {tuple(shape)}; "
+                "the adapter was trained on another model (pass the right --base)"
+            )
+
+    for pair in source.rank_pairs(rank):
+        m = pair.module
+        out_f, in_f = pair.b.shape[0], pair.a.shape[1]
+        shape = (in_f, out_f) if (m.embedding or fan_in_fan_out) else (out_f, in_f)
+        require(m.name + ".weight", shape, f"the LoRA layer {m.name}")
+        edits[m.name + ".weight"] = _add_delta(pair, transpose=m.embedding or fan_in_fan_out)
+        if pair.bias is not None:
+            require(m.name + ".bias", tuple(pair.bias.shape), f"the LoRA bias of {m.name}")
+            edits[m.name + ".bias"] = _add_bias(pair)
+    for key in source.extra_keys:
+        if "trainable_tokens" in key or "token_adapter" in key:
+            raise InputError(f"{key}: trainable-token adapters cannot be merged by qdylora; export the adapter instead")
+        target = key.removeprefix(PEFT_PREFIX).replace(".modules_to_save.default", "")
+        tensor = source.tensors[key]
+        require(target, tuple(tensor.shape), f"the saved module tensor {key}")
+        edits[target] = _replace(tensor)
+    return edits
+
+
+def _add_delta(pair: RankPair, transpose: bool) -> Edit:
+    def edit(w: torch.Tensor) -> torch.Tensor:
+        delta = (pair.b.float() @ pair.a.float()) * pair.scale
+        return w.float() + (delta.T if transpose else delta)
+
+    return edit
+
+
+def _add_bias(pair: RankPair) -> Edit:
+    return lambda w: w.float() + pair.bias.float() * pair.scale
+
+
+def _replace(tensor: torch.Tensor) -> Edit:
+    return lambda _w: tensor.float()
+
+
+def nf4_round_trip(weight: torch.Tensor) -> torch.Tensor:
+    """dequant(NF4(W)) in fp32, exactly what bitsandbytes' Linear4bit (NF4, double quant) holds.
+
+    Quantized in fp32 on the GPU when there is one (where QLoRA training runs), else on
+    the CPU. With bf16 compute the trained model saw this value rounded to bf16.
+    """
+    import bitsandbytes.functional as bnbf
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    packed, state = bnbf.quantize_4bit(
+        weight.to(device=device, dtype=torch.float32),
+        blocksize=NF4_BLOCKSIZE, compress_statistics=True, quant_type="nf4",
+    )
+    return bnbf.dequantize_4bit(packed, state).float().cpu()
+
+
+def nf4_weight_names(base: BaseCheckpoint) -> set[str]:
+    """Names of the checkpoint tensors that QLoRA loading (`qdylora.load_model`) quantizes to NF4.
+
+    Built on the meta device (no memory) with transformers' own choice of modules to leave
+    unquantized (lm_head, tied and fp32 modules) and load_model's widening to nn.Linear
+    subclasses.
+    """
+    import bitsandbytes as bnb
+    import transformers.integrations as integrations
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.quantizers.base import HfQuantizer
+
+    from ..loading import bnb_config, linear_subclasses_quantizable
+
+    config = AutoConfig.from_pretrained(base.folder)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    skip = HfQuantizer.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
+    with linear_subclasses_quantizable():
+        model = integrations.replace_with_bnb_linear(
+            model, modules_to_not_convert=skip, quantization_config=bnb_config(torch.float32)
+        )
+    names = {n + ".weight" for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    missing = sorted(names - set(base.shapes))
+    if missing:
+        raise InputError(
+            f"the checkpoint in {base.folder} names its weights differently from the model (e.g. {missing[0]}); "
+            "--base-weights nf4 cannot tell which tensors are quantized, use --base-weights original"
+        )
+    return names
+
+
+def merge_shard(
+    src: Path, dst: Path, edits: dict[str, Edit], quantized: set[str], dtype: torch.dtype
+) -> int:
+    """Read one base shard, apply the edits (after NF4 rounding where asked), write it; return its bytes."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out: dict[str, torch.Tensor] = {}
+    with safe_open(str(src), "pt") as f:
+        metadata = f.metadata() or {}
+        for key in f.keys():
+            t = f.get_tensor(key)
+            if key in quantized:
+                t = nf4_round_trip(t)
+            if key in edits:
+                t = edits[key](t)
+            out[key] = t.to(dtype) if t.is_floating_point() else t
+    save_file(out, str(dst), metadata={**metadata, "format": "pt"})
+    return sum(t.numel() * t.element_size() for t in out.values())
+
+
+def copy_side_files(base_dir: Path, source: SourceAdapter, out: Path) -> None:
+    """Copy the base's small files (tokenizer, generation config, licence), then the adapter's tokenizer."""
+    for f in base_dir.iterdir():
+        if f.is_file() and f.name not in _NOT_COPIED and not f.name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy2(f, out / f.name)
+    adapter_tok = source.tokenizer_files()
+    if adapter_tok:  # the adapter's tokenizer (chat template, added tokens) wins over the base's
+        for name in TOKENIZER_FILES:
+            (out / name).unlink(missing_ok=True)
+        for f in adapter_tok:
+            shutil.copy2(f, out / f.name)
