@@ -194,6 +194,11 @@ def load_model(
     kwargs.update(from_pretrained_kwargs)
     if str(name_or_path).startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(name_or_path)):
         raise InputError(f"model folder {name_or_path} does not exist")
+    if os.path.isfile(os.path.join(os.path.expanduser(str(name_or_path)), "adapter_config.json")):
+        raise InputError(
+            f"{name_or_path} is an adapter folder, not a base model; use qdylora.loading.load_adapter "
+            "(or pass the adapter with --base pointing at its base model)"
+        )
     if not load_in_4bit:
         return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
 

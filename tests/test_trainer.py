@@ -118,7 +118,7 @@ def test_resumed_run_draws_the_same_sequence(tiny_llama, datasets_, tmp_path):
 
 
 def test_training_lowers_eval_loss_at_several_ranks(tiny_llama, datasets_, tmp_path):
-    trainer = make_trainer(tiny_llama, datasets_, tmp_path, max_steps=30, learning_rate=1e-2)
+    trainer = make_trainer(tiny_llama, datasets_, tmp_path, max_steps=30, learning_rate=3e-3)
     before = trainer.evaluate_ranks([1, 2, 4, 8])
     trainer.train()
     after = trainer.evaluate_ranks([1, 2, 4, 8])

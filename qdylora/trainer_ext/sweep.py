@@ -48,7 +48,8 @@ class SweepResult:
         pick = max if self.greater_is_better else min
         return pick(vals, key=lambda r: (vals[r], -r) if self.greater_is_better else (vals[r], r))
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, samples: bool = True) -> dict[str, Any]:
+        """JSON-ready dict; `samples=False` leaves out the generated answers (for qdylora_config.json)."""
         out = {
             "metric": self.metric,
             "greater_is_better": self.greater_is_better,
@@ -57,7 +58,7 @@ class SweepResult:
             "best_rank": self.best_rank,
             "results": {str(r): m for r, m in sorted(self.results.items())},
         }
-        if self.samples:
+        if samples and self.samples:
             out["samples"] = {str(r): s for r, s in sorted(self.samples.items())}
             out["sample_prompts"] = list(self.sample_prompts)
         return out
@@ -250,5 +251,5 @@ def sweep_adapter(
         )
     result = trainer.rank_sweep
     save_sweep(result, out_dir or adapter_dir)
-    config.save_pretrained(adapter_dir, sweep=result.to_dict())
+    config.save_pretrained(adapter_dir, sweep=result.to_dict(samples=False))  # answers stay in rank_sweep.json
     return result

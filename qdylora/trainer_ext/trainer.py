@@ -126,7 +126,7 @@ class QDyLoraMixin:
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict=state_dict)
         if self.args.should_save:
-            extra = {"sweep": self.rank_sweep.to_dict()} if self.rank_sweep is not None else {}
+            extra = {"sweep": self.rank_sweep.to_dict(samples=False)} if self.rank_sweep is not None else {}
             self.qdylora_config.save_pretrained(output_dir or self.args.output_dir, **extra)
 
 
