@@ -109,6 +109,28 @@ def test_merged_nf4_matches_4bit_training_model(export_base, sharded, tmp_path):
         assert torch.equal(merged[key], original[key])  # not quantized by QLoRA, left as they are
 
 
+@pytest.mark.parametrize("arch", ["falcon"])
+def test_merged_nf4_other_architecture(tmp_path, arch):
+    """Falcon's FalconLinear layers (nn.Linear subclasses) are NF4 in training, so nf4 must round them too."""
+    from qdylora.testing import make_tiny_model
+
+    base = make_tiny_model(tmp_path / "base", arch)
+    model = lora_model(base, load_in_4bit=True, target_modules=["query_key_value"])
+    src = save_qdylora(model, tmp_path / "src")
+    out = export_merged(src, tmp_path / "m", 5, dtype="float32", base_weights="nf4")
+    assert (model_logits(reload(out)) - logits(model, 5)).abs().max().item() < TOL
+
+
+def test_merged_modules_to_save(export_base, sharded, tmp_path):
+    """A fully trained module saved beside the LoRA tensors (modules_to_save) replaces the base's."""
+    model = lora_model(export_base, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    with torch.no_grad():
+        model.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.05)
+    src = save_qdylora(model, tmp_path / "src")
+    out = export_merged(src, tmp_path / "m", 2, base_model=sharded, dtype="float32")
+    assert (model_logits(reload(out)) - logits(model, 2)).abs().max().item() < TOL
+
+
 def test_streams_one_shard_at_a_time(trained, sharded, tmp_path, monkeypatch):
     """At most one base shard is open at any time and every base tensor is read exactly once."""
     import safetensors
@@ -172,6 +194,7 @@ def _truncated_shard(sharded: Path, tmp: Path) -> Path:
         ("missing", "does not exist"),
         ("broken shard", "missing or unreadable"),
         ("rank 0", "outside the trained range"),
+        ("hub id not cached", "neither a local folder nor in the Hugging Face cache"),
     ],
 )
 def test_merged_bad_input(trained, sharded, other_bases, tmp_path, case, message):
@@ -181,6 +204,7 @@ def test_merged_bad_input(trained, sharded, other_bases, tmp_path, case, message
         "missing": tmp_path / "no-such-model",
         "broken shard": _truncated_shard(sharded, tmp_path) if case == "broken shard" else sharded,
         "rank 0": sharded,
+        "hub id not cached": "qdylora-tests/no-such-model",
     }[case]
     rank = "0" if case == "rank 0" else "2"
     out = tmp_path / "new" / "merged"

@@ -123,6 +123,7 @@ def export_merged(
     base_dir = resolve_base(base_model or source.base_model)
     base = BaseCheckpoint.read(base_dir)
     edits = plan_edits(source, b, base)
+    source.tensors.clear()  # the edits hold their own rank-b copies: free the r_max tensors
     quantized = nf4_weight_names(base) if base_weights == "nf4" else set()
 
     with staged_output(out_dir, overwrite=overwrite, protect=[adapter_dir, base_dir]) as tmp:
@@ -204,15 +205,20 @@ def plan_edits(source: SourceAdapter, rank: int, base: BaseCheckpoint) -> dict[s
 
 
 def _add_delta(pair: RankPair, transpose: bool) -> Edit:
+    a, b, scale = pair.a.clone(), pair.b.clone(), pair.scale  # rank-b copies, not views of the r_max tensors
+
     def edit(w: torch.Tensor) -> torch.Tensor:
-        delta = (pair.b.float() @ pair.a.float()) * pair.scale
-        return w.float() + (delta.T if transpose else delta)
+        w = w.to(torch.float32, copy=True)  # one fp32 copy, updated in place: W + scale * B A
+        if transpose:
+            return w.addmm_(a.T.float(), b.T.float(), alpha=scale)
+        return w.addmm_(b.float(), a.float(), alpha=scale)
 
     return edit
 
 
 def _add_bias(pair: RankPair) -> Edit:
-    return lambda w: w.float() + pair.bias.float() * pair.scale
+    bias, scale = pair.bias.clone(), pair.scale
+    return lambda w: w.float() + bias.float() * scale
 
 
 def _replace(tensor: torch.Tensor) -> Edit:
@@ -274,18 +280,38 @@ def merge_shard(
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    out: dict[str, torch.Tensor] = {}
     with safe_open(str(src), "pt") as f:
-        metadata = f.metadata() or {}
-        for key in f.keys():
+        metadata, keys = f.metadata() or {}, list(f.keys())
+    out: dict[str, torch.Tensor] = {}
+    for key in keys:
+        # reopened per tensor: the memory map (whose touched pages count as resident) then
+        # never holds more than the tensor being read, so the peak is about one output shard
+        with safe_open(str(src), "pt") as f:
             t = f.get_tensor(key)
-            if key in quantized:
-                t = nf4_round_trip(t)
-            if key in edits:
-                t = edits[key](t)
-            out[key] = t.to(dtype) if t.is_floating_point() else t
+        if key in quantized:
+            t = nf4_round_trip(t)
+        if key in edits:
+            t = edits[key](t)
+        out[key] = t.to(dtype) if t.is_floating_point() else t
     save_file(out, str(dst), metadata={**metadata, "format": "pt"})
-    return sum(t.numel() * t.element_size() for t in out.values())
+    size = sum(t.numel() * t.element_size() for t in out.values())
+    del out
+    _return_freed_memory()
+    return size
+
+
+def _return_freed_memory() -> None:
+    """Give freed heap memory back to the OS after a shard.
+
+    glibc keeps freed blocks below its (self-raising) mmap threshold in the heap, so
+    without this the resident size creeps up shard after shard; no-op off glibc.
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def copy_side_files(base_dir: Path, source: SourceAdapter, out: Path) -> None:
