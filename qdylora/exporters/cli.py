@@ -73,15 +73,22 @@ def adapter(adapter_dir: str, rank, ranks, out: str, vllm: bool, pad_to, name, o
     "--base-weights", type=click.Choice(["original", "nf4"]), default="original", show_default=True,
     help="Merge into the checkpoint's W, or into dequant(NF4(W)), the weights QLoRA training saw.",
 )
+@click.option(
+    "--compute-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+    help="With --base-weights nf4: the dtype the base was loaded in for training (default: bf16 on a bf16 GPU, else fp32).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--force", is_flag=True, help="Merge an adapter without qdylora_config.json (not trained with qdylora).")
-def merged(adapter_dir: str, rank: str, out: str, base, dtype: str, base_weights: str, overwrite: bool, force: bool) -> None:
+def merged(
+    adapter_dir: str, rank: str, out: str, base, dtype: str, base_weights: str, compute_dtype, overwrite: bool, force: bool
+) -> None:
     """Merge rank b of ADAPTER_DIR into its base: a standalone transformers model folder (streamed shard by shard)."""
     from .adapter import read_export_info
     from .merged import export_merged
 
     path = export_merged(
-        adapter_dir, out, rank, base_model=base, dtype=dtype, base_weights=base_weights, overwrite=overwrite, force=force
+        adapter_dir, out, rank, base_model=base, dtype=dtype, base_weights=base_weights,
+        compute_dtype=compute_dtype, overwrite=overwrite, force=force,
     )
     info = read_export_info(path)
     click.echo(
