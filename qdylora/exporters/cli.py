@@ -43,11 +43,12 @@ def adapter(adapter_dir: str, rank, ranks, out: str, vllm: bool, pad_to, name, o
     from . import export_adapter, export_adapters, read_export_info, serve_command
 
     many = _ranks(rank, ranks)
+    options = dict(pad_to=pad_to, vllm=vllm, overwrite=overwrite, force=force)
     if many is None:
-        written = {0: export_adapter(adapter_dir, out, rank, pad_to=pad_to, vllm=vllm, overwrite=overwrite, force=force)}
+        paths = [export_adapter(adapter_dir, out, rank, **options)]
     else:
-        written = export_adapters(adapter_dir, out, many, pad_to=pad_to, vllm=vllm, overwrite=overwrite, force=force)
-    infos = {path: read_export_info(path) for path in written.values()}
+        paths = list(export_adapters(adapter_dir, out, many, **options).values())
+    infos = {path: read_export_info(path) for path in paths}
     for path, info in infos.items():
         click.echo(
             f"rank {info['rank']} of {adapter_dir} (r_max {info['r_max']}) -> {path}  "
