@@ -93,21 +93,19 @@ def test_training_key_typos_are_caught(tiny_llama, arithmetic_data, tmp_path):
 
 
 def test_train_logs_sample_answers_per_rank(tiny_llama, arithmetic_data, tmp_path):
-    out = tmp_path / "o"
-    cfg = _yaml(tmp_path, tiny_llama, arithmetic_data, out,
+    from qdylora.recipe import Recipe, run
+
+    cfg = _yaml(tmp_path, tiny_llama, arithmetic_data, tmp_path / "o",
                 samples={"prompts": ["What is 2 plus 3?"], "ranks": [1, 8], "max_new_tokens": 4})
     raw = yaml.safe_load(cfg.read_text())
     raw["training"].update({"eval_strategy": "steps", "eval_steps": 3})
     cfg.write_text(yaml.safe_dump(raw))
-    res = CliRunner().invoke(main, ["train", str(cfg)])
-    assert res.exit_code == 0, res.output
-    state = json.loads((out / "trainer_state.json").read_text()) if (out / "trainer_state.json").exists() else None
-    from qdylora.recipe import Recipe
-
-    assert Recipe.from_yaml(cfg).samples["prompts"] == ["What is 2 plus 3?"]
-    # the samples themselves are checked in test_generate; here: the key reaches the callback
+    trainer = run(Recipe.from_yaml(cfg))
+    logged = [h for h in trainer.state.log_history if "eval_samples" in h]
+    assert [h["step"] for h in logged] == [3, 6]
+    assert {(row["prompt"], row["rank"]) for row in logged[-1]["eval_samples"]} == {
+        ("What is 2 plus 3?", 1), ("What is 2 plus 3?", 8)}
     cfg2 = _yaml(tmp_path, tiny_llama, arithmetic_data, tmp_path / "o2", samples={"prompt": ["x"]})
     _fails_with(["train", str(cfg2)], "unknown samples key(s) ['prompt']")
     cfg3 = _yaml(tmp_path, tiny_llama, arithmetic_data, tmp_path / "o3", samples={"prompts": ["x"], "ranks": [9]})
     _fails_with(["train", str(cfg3)], "outside")
-    del state
