@@ -92,6 +92,8 @@ class QDyLoraMixin:
         tolerance: float = 0.01,
         metric: str = "eval_loss",
         greater_is_better: bool = False,
+        sample_prompts: list[str] | None = None,
+        sample_kwargs: dict[str, Any] | None = None,
     ) -> dict[int, dict[str, float]]:
         """Evaluate every rank in `ranks` (default: the config's eval ranks).
 
@@ -99,6 +101,10 @@ class QDyLoraMixin:
         rank is also logged as `eval_r{rank}_*`. The result, with the recommended rank (the
         smallest within `tolerance` of the best), is kept in `self.rank_sweep` and written
         to qdylora_config.json at the next save.
+
+        With `sample_prompts`, each measured rank also answers them (greedy unless
+        `sample_kwargs`, passed to `qdylora.generate_across_ranks`, says otherwise); the
+        answers are in `self.rank_sweep.samples` and rank_sweep.json.
         """
         self.rank_sweep = run_sweep(
             self,
@@ -108,6 +114,8 @@ class QDyLoraMixin:
             tolerance=tolerance,
             metric=metric,
             greater_is_better=greater_is_better,
+            sample_prompts=sample_prompts,
+            sample_kwargs=sample_kwargs,
         )
         return self.rank_sweep.results
 
