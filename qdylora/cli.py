@@ -160,6 +160,8 @@ from .exporters.cli import export  # noqa: E402
 main.add_command(export)
 from .generate_cli import generate  # noqa: E402
 main.add_command(generate)
+from .demo.cli import demo  # noqa: E402
+main.add_command(demo)
 
 
 if __name__ == "__main__":  # pragma: no cover
