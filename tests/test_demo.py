@@ -101,7 +101,7 @@ def test_demo_writes_every_artifact(demo_run):
     assert rec == min(r for r, v in values.items() if v <= best * 1.01)
     stored = json.loads((out / "adapter" / "qdylora_config.json").read_text())
     assert stored["sweep"]["recommended_rank"] == rec
-    assert json.loads((out / "adapter-rank%d" % rec / "adapter_config.json").read_text())["r"] == rec
+    assert json.loads((out / f"adapter-rank{rec}" / "adapter_config.json").read_text())["r"] == rec
     saved = json.loads((out / "demo_summary.json").read_text())
     assert saved["answers"] == {str(r): a for r, a in result.answers.items()}
     assert set(result.answers) == {1, rec}
