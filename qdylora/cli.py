@@ -149,5 +149,9 @@ def info(adapter_dir: str, as_json: bool) -> None:
         click.echo("sweep:         not measured yet (qdylora sweep ADAPTER_DIR --data FILE)")
 
 
+from .exporters.cli import export  # noqa: E402
+main.add_command(export)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -1,0 +1,23 @@
+"""Ship one rank of a QDyLoRA adapter: as a standard PEFT/vLLM adapter, or merged into the base.
+
+- `export_adapter(adapter_dir, out_dir, rank)`: lora_A[:b], lora_B[:, :b], r = b, same
+  lora_alpha; loads with plain `PeftModel.from_pretrained`. `vllm=True` checks vLLM's rules
+  and pads to an allowed max_lora_rank. `export_adapters` writes several ranks at once.
+- `export_merged(adapter_dir, out_dir, rank)`: a standalone transformers model folder,
+  merged one base shard at a time.
+"""
+
+from .adapter import EXPORT_INFO, export_adapter, export_adapters, read_export_info
+from .source import SourceAdapter
+from .vllm import VLLM_RANKS, serve_command, vllm_rank
+
+__all__ = [
+    "EXPORT_INFO",
+    "SourceAdapter",
+    "VLLM_RANKS",
+    "export_adapter",
+    "export_adapters",
+    "read_export_info",
+    "serve_command",
+    "vllm_rank",
+]

@@ -1,0 +1,157 @@
+"""Export one rank of a QDyLoRA adapter as a standard PEFT LoRA adapter (no base model needed).
+
+The result is an ordinary `adapter_config.json` + `adapter_model.safetensors` that
+`PeftModel.from_pretrained` (and vLLM, with `vllm=True`) loads with no qdylora code,
+plus `qdylora_export.json` saying where it came from. PEFT and vLLM never read that
+file, so the config they load is untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import write_json_atomic
+from ..errors import InputError
+from .source import WEIGHTS_NAME, SourceAdapter
+from .staging import staged_output
+from .vllm import VLLM_RANKS, check_vllm, padded, vllm_rank
+
+EXPORT_INFO = "qdylora_export.json"
+
+
+@dataclass
+class ExportedAdapter:
+    """What was written for one rank: where, at which stored r and alpha."""
+
+    path: Path
+    rank: int
+    r: int
+    lora_alpha: float
+    padded_to: int | None
+
+
+def export_adapter(
+    adapter_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    rank: int | str,
+    *,
+    pad_to: int | None = None,
+    vllm: bool = False,
+    overwrite: bool = False,
+    force: bool = False,
+) -> Path:
+    """Write rank `rank` of the QDyLoRA adapter in `adapter_dir` as a PEFT adapter in `out_dir`.
+
+    lora_A[:b] and lora_B[:, :b] with the same lora_alpha and r = b: PEFT's scale alpha/b
+    is the scale the adapter was trained at for rank b (rsLoRA: alpha/sqrt(b)).
+
+    Args:
+        adapter_dir: A folder written by a QDyLoRA trainer (adapter + qdylora_config.json).
+        out_dir: The folder to create (written to a temporary folder, then renamed).
+        rank: The rank b, from r_min to r_max, or "recommended" (the recorded sweep's pick).
+        pad_to: Zero-pad every module to this rank, with alpha rescaled so the output is
+            unchanged (and per-module scales folded into lora_B).
+        vllm: Check the adapter against vLLM's rules and pad to the smallest allowed
+            max_lora_rank >= b unless `pad_to` says otherwise.
+        overwrite: Replace an existing `out_dir`.
+        force: Export an adapter without qdylora_config.json (a plain LoRA adapter; its
+            lower ranks were never trained, so they are unlikely to be any good).
+
+    Returns:
+        `out_dir`.
+    """
+    source = SourceAdapter.open(adapter_dir, force=force)
+    b = source.resolve_rank(rank)
+    target = _pad_target(b, pad_to, vllm)
+    if vllm:
+        check_vllm(source)
+    with staged_output(out_dir, overwrite=overwrite, protect=[adapter_dir]) as tmp:
+        write_rank(source, b, tmp, pad_to=target, vllm=vllm)
+    return Path(out_dir)
+
+
+def export_adapters(
+    adapter_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    ranks: Sequence[int | str],
+    *,
+    pad_to: int | None = None,
+    vllm: bool = False,
+    overwrite: bool = False,
+    force: bool = False,
+) -> dict[int, Path]:
+    """Export several ranks of one adapter into `out_dir/rank-<b>/` (multi-LoRA serving).
+
+    The whole `out_dir` appears at once, with every rank in it, or not at all.
+    Returns {rank: folder}.
+    """
+    source = SourceAdapter.open(adapter_dir, force=force)
+    wanted = sorted({source.resolve_rank(r) for r in ranks})
+    if not wanted:
+        raise InputError("no ranks to export")
+    targets = {b: _pad_target(b, pad_to, vllm) for b in wanted}
+    if vllm:
+        check_vllm(source)
+    out = Path(out_dir)
+    with staged_output(out_dir, overwrite=overwrite, protect=[adapter_dir]) as tmp:
+        for b in wanted:
+            (tmp / rank_folder(b)).mkdir()
+            write_rank(source, b, tmp / rank_folder(b), pad_to=targets[b], vllm=vllm)
+    return {b: out / rank_folder(b) for b in wanted}
+
+
+def rank_folder(rank: int) -> str:
+    """Name of the subfolder holding rank `rank` in a multi-rank export."""
+    return f"rank-{rank}"
+
+
+def write_rank(
+    source: SourceAdapter, rank: int, folder: Path, *, pad_to: int | None = None, vllm: bool = False
+) -> ExportedAdapter:
+    """Write the rank-`rank` cut of `source` into the existing folder `folder`."""
+    from safetensors.torch import save_file
+
+    if pad_to is None:
+        tensors = {k: source.tensors[k] for k in source.extra_keys}
+        for pair in source.rank_pairs(rank):
+            tensors[pair.module.a_key], tensors[pair.module.b_key] = pair.a, pair.b
+            if pair.bias is not None:
+                tensors[pair.module.bias_key] = pair.bias
+        config = source.rank_config(rank)
+    else:
+        tensors, config = padded(source, rank, pad_to)
+    tensors = {k: t.contiguous().clone() for k, t in tensors.items()}  # no shared storage with the source
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for f in source.tokenizer_files():
+        shutil.copy2(f, folder / f.name)
+    write_json_atomic(
+        folder / EXPORT_INFO,
+        source.provenance(rank, kind="adapter", padded_to=pad_to, vllm=vllm, r=config["r"], exported_lora_alpha=config["lora_alpha"]),
+    )
+    return ExportedAdapter(folder, rank, int(config["r"]), float(config["lora_alpha"]), pad_to)
+
+
+def _pad_target(rank: int, pad_to: int | None, vllm: bool) -> int | None:
+    if pad_to is not None:
+        if not isinstance(pad_to, int) or isinstance(pad_to, bool) or pad_to < rank:
+            raise InputError(f"pad_to must be an integer >= the rank {rank}, got {pad_to!r}")
+        if vllm and pad_to not in VLLM_RANKS:
+            raise InputError(f"vLLM's max_lora_rank must be one of {list(VLLM_RANKS)}, so pad_to={pad_to} is not usable")
+        return pad_to
+    return vllm_rank(rank) if vllm else None
+
+
+def read_export_info(folder: str | os.PathLike) -> dict[str, Any]:
+    """The qdylora_export.json of an exported folder."""
+    path = Path(folder) / EXPORT_INFO
+    if not path.is_file():
+        raise InputError(f"{folder} has no {EXPORT_INFO}: it was not written by qdylora export")
+    return json.loads(path.read_text())
+
