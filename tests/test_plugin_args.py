@@ -54,6 +54,7 @@ class _AxolotlLike(BaseModel):
     lora_mlp_kernel: bool | None = None
     lora_qkv_kernel: bool | None = None
     lora_o_kernel: bool | None = None
+    lora_modules_to_save: list[str] | None = None
 
 
 class Merged(_AxolotlLike, QDyLoraArgs):
@@ -83,6 +84,7 @@ def test_valid_config_maps_to_qdylora_config():
         ({"rl": "dpo"}, "supervised fine-tuning only"),
         ({"peft_use_dora": True}, "peft_use_dora: false"),
         ({"lora_mlp_kernel": True, "lora_o_kernel": True}, "set lora_mlp_kernel: false, lora_o_kernel: false"),
+        ({"qdylora_export_vllm": True, "lora_modules_to_save": ["embed_tokens"]}, "vLLM rejects adapters with modules_to_save"),
         ({"qdylora_distribution": "normal"}, "distribution='normal' is not allowed"),
         ({"qdylora_update": "half"}, "update='half' is not allowed"),
         ({"qdylora_r_min": 0}, "r_min must be an integer >= 1"),

@@ -140,6 +140,11 @@ def axolotl_problem(cfg: Any) -> str | None:
         )
     if cfg.get("peft_use_dora"):
         return "QDyLoRA cannot truncate DoRA's magnitude vector: set peft_use_dora: false"
+    if cfg.get("qdylora_export_vllm") and cfg.get("lora_modules_to_save"):
+        return (
+            "qdylora_export_vllm: vLLM rejects adapters with modules_to_save, and lora_modules_to_save is "
+            f"{cfg.get('lora_modules_to_save')}: drop one of the two"
+        )
     on = [k for k in FUSED_KERNELS if cfg.get(k)]
     if on:
         return (

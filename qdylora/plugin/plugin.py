@@ -178,8 +178,9 @@ class QDyLoraPlugin(BasePlugin):
         if not trainer.is_world_process_zero():
             return
         out = Path(cfg.output_dir)
-        extra = {"sweep": trainer.rank_sweep.to_dict()} if trainer.rank_sweep is not None else {}
-        trainer.qdylora_config.save_pretrained(out, **extra)
+        # sweep=None replaces a sweep left in output_dir by an earlier run
+        sweep = trainer.rank_sweep.to_dict() if trainer.rank_sweep is not None else None
+        trainer.qdylora_config.save_pretrained(out, sweep=sweep)
         LOG.info(f"QDyLoRA: wrote {out / 'qdylora_config.json'} (adapter stored at r_max={trainer.qdylora_config.r_max})")
         if cfg.get("qdylora_export_ranks"):
             export(out, cfg.qdylora_export_ranks, vllm=bool(cfg.get("qdylora_export_vllm")))
