@@ -89,12 +89,26 @@ def tokens() -> torch.Tensor:
     return torch.randint(1, 300, (2, 12), generator=g)
 
 
+def exact_4bit(model):
+    """Make bitsandbytes' 4-bit layers compute in fp32 on the CPU, as they do in training.
+
+    In eval mode without grad, on CPUs with AVX512-BF16, Linear4bit repacks its weight and
+    runs a bf16 kernel (about 1e-3 off fp32); that would hide differences below 1e-3.
+    """
+    import bitsandbytes as bnb
+
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+    return model
+
+
 @torch.no_grad()
 def logits(model, rank: int | None = None) -> torch.Tensor:
     """Logits of `model` on `tokens()`, at LoRA rank `rank` (qdylora's rank_scope) if given."""
     from qdylora import rank_scope
 
-    model.eval()
+    exact_4bit(model).eval()
     ids = tokens()
     if rank is None:
         return model(input_ids=ids).logits.float()
@@ -121,7 +135,7 @@ def peft_logits(base_dir: Path, adapter_dir: Path, *, load_in_4bit: bool = False
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(plain_base(base_dir, load_in_4bit=load_in_4bit), str(adapter_dir))
-    model.eval()
+    exact_4bit(model).eval()
     return model(input_ids=tokens()).logits.float()
 
 

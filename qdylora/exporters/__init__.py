@@ -8,6 +8,7 @@
 """
 
 from .adapter import EXPORT_INFO, export_adapter, export_adapters, read_export_info
+from .merged import export_merged
 from .source import SourceAdapter
 from .vllm import VLLM_RANKS, serve_command, vllm_rank
 
@@ -17,6 +18,7 @@ __all__ = [
     "VLLM_RANKS",
     "export_adapter",
     "export_adapters",
+    "export_merged",
     "read_export_info",
     "serve_command",
     "vllm_rank",
