@@ -108,7 +108,7 @@ def test_checks_only_apply_when_the_plugin_is_listed():
     Merged.model_validate({"plugins": ["some.other.Plugin"], "adapter": None, "lora_mlp_kernel": True})
 
 
-def test_compose_keeps_the_base_trainers_mixins(tmp_path):
+def test_compose_keeps_the_base_trainers_mixins(tiny_llama, arithmetic_data, tmp_path):
     """with_qdylora puts QDyLoraMixin in front of the class Axolotl picked, its mixins still run."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -118,7 +118,6 @@ def test_compose_keeps_the_base_trainers_mixins(tmp_path):
     from qdylora.data import DataSpec, collator, load_tokenizer, tokenize
     from qdylora.plugin.compose import qdylora_config, with_qdylora
     from qdylora.ranks import RankSampler
-    from qdylora.testing import make_tiny_model, write_arithmetic_jsonl
 
     class CountingMixin:  # stands in for Axolotl's PackingMixin, SchedulerMixin, ...
         calls = 0
@@ -136,8 +135,7 @@ def test_compose_keeps_the_base_trainers_mixins(tmp_path):
     assert composed.__mro__[1:4] == (QDyLoraMixin, AxolotlLikeTrainer, CountingMixin)
     assert with_qdylora(composed, QDyLoraConfig()) is composed
 
-    model_dir = make_tiny_model(tmp_path / "m")
-    data = write_arithmetic_jsonl(tmp_path / "d.jsonl", 16)
+    model_dir, data = tiny_llama, arithmetic_data[0]
     tok = load_tokenizer(str(model_dir))
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))

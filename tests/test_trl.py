@@ -14,21 +14,13 @@ import torch  # noqa: E402
 
 from qdylora import QDyLoraConfig, QDyLoraMixin  # noqa: E402
 from qdylora.ranks import RankSampler  # noqa: E402
-from qdylora.testing import make_tiny_model, write_arithmetic_jsonl  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def trl_setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("trl")
-    model_dir = make_tiny_model(d / "model", "llama")
-    return model_dir, write_arithmetic_jsonl(d / "train.jsonl", 32, seed=0), write_arithmetic_jsonl(d / "eval.jsonl", 8, seed=1)
 
 
 def _lora_state(model):
     return {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
 
 
-def test_sft_trainer_trains_logs_rank_and_saves_config(trl_setup, tmp_path):
+def test_sft_trainer_trains_logs_rank_and_saves_config(tiny_llama, arithmetic_data, tmp_path):
     """The issue's one-liner: `class SFT(QDyLoraMixin, trl.SFTTrainer)` on a 4-bit base.
 
     Draws restricted to ranks {1, 2, 3} of an r=8 adapter: if the mixin's truncation really
@@ -45,7 +37,7 @@ def test_sft_trainer_trains_logs_rank_and_saves_config(trl_setup, tmp_path):
     class SFT(QDyLoraMixin, SFTTrainer):
         pass
 
-    model_dir, train_path, eval_path = trl_setup
+    model_dir, (train_path, eval_path) = tiny_llama, arithmetic_data
     out = tmp_path / "out"
     args = SFTConfig(
         output_dir=str(out), max_steps=6, per_device_train_batch_size=4, gradient_accumulation_steps=2,

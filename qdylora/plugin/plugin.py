@@ -179,7 +179,7 @@ class QDyLoraPlugin(BasePlugin):
             return
         out = Path(cfg.output_dir)
         # sweep=None replaces a sweep left in output_dir by an earlier run
-        sweep = trainer.rank_sweep.to_dict() if trainer.rank_sweep is not None else None
+        sweep = trainer.rank_sweep.to_dict(samples=False) if trainer.rank_sweep is not None else None
         trainer.qdylora_config.save_pretrained(out, sweep=sweep)
         LOG.info(f"QDyLoRA: wrote {out / 'qdylora_config.json'} (adapter stored at r_max={trainer.qdylora_config.r_max})")
         if cfg.get("qdylora_export_ranks"):
