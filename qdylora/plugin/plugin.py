@@ -131,10 +131,11 @@ class QDyLoraPlugin(BasePlugin):
         self.trainer, self._created_at, self._swept = trainer, time.time(), False
         c = trainer.qdylora_config
         drawn = f"ranks {c.ranks}" if c.ranks else f"ranks {c.r_min}..{c.r_max}"
-        base = next(b for b in type(trainer).__mro__[1:] if b is not QDyLoraMixin and not issubclass(b, QDyLoraMixin))
+        base = next(b for b in type(trainer).__mro__ if not issubclass(b, QDyLoraMixin))  # what QDyLoRA wraps
         LOG.info(
-            f"QDyLoRA: {type(trainer).__name__} (QDyLoraMixin + {base.__name__}) draws {drawn} ({c.distribution}, update={c.update}, "
-            f"one rank per {c.sample_every.replace('_', ' ')}, seed {c.seed}); the drawn rank is logged as 'rank'"
+            f"QDyLoRA: {type(trainer).__name__} (QDyLoraMixin + {base.__name__}) draws {drawn} "
+            f"({c.distribution}, update={c.update}, one rank per {c.sample_every.replace('_', ' ')}, seed {c.seed}); "
+            "the drawn rank is logged as 'rank'"
         )
 
     # -- after training -------------------------------------------------------------------
@@ -191,12 +192,12 @@ def export(adapter_dir: Path, ranks: list[int | str], *, vllm: bool) -> dict[int
     from ..exporters import export_adapters, read_export_info, serve_command
 
     written = export_adapters(adapter_dir, adapter_dir / EXPORTS_DIR, ranks, vllm=vllm, overwrite=True)
-    for rank, path in written.items():
-        info = read_export_info(path)
-        LOG.info(f"QDyLoRA: exported rank {rank} -> {path} (r={info['r']}, lora_alpha={info['exported_lora_alpha']:g})")
+    infos = {b: read_export_info(path) for b, path in written.items()}
+    for b, path in written.items():
+        LOG.info(f"QDyLoRA: exported rank {b} -> {path} (r={infos[b]['r']}, lora_alpha={infos[b]['exported_lora_alpha']:g})")
     if vllm and written:
-        first = read_export_info(next(iter(written.values())))
-        served = {f"{adapter_dir.resolve().name}-r{b}": p.resolve() for b, p in written.items()}
-        r_top = max(read_export_info(p)["r"] for p in written.values())
-        LOG.info(f"QDyLoRA: serve with: {serve_command(first['base_model'], served, r_top)}")
+        served = {f"{adapter_dir.resolve().name}-r{b}": path.resolve() for b, path in written.items()}
+        base_model = next(iter(infos.values()))["base_model"]
+        command = serve_command(base_model, served, max(info["r"] for info in infos.values()))
+        LOG.info(f"QDyLoRA: serve with: {command}")
     return written
