@@ -29,7 +29,8 @@ class QDyLoraMixin:
 
     def __init__(self, *args: Any, qdylora_config: QDyLoraConfig | None = None, **kwargs: Any) -> None:
         model = kwargs.get("model", args[0] if args else None)
-        if model is not None:
+        # TRL trainers given `peft_config=` wrap the model themselves: checked after __init__
+        if model is not None and kwargs.get("peft_config") is None:
             check_lora_model(model)  # before Trainer's own checks, with a message naming what was found
         super().__init__(*args, **kwargs)
         config = qdylora_config if qdylora_config is not None else QDyLoraConfig()

@@ -1,0 +1,157 @@
+"""The Axolotl plugin's pieces that need no Axolotl: lazy import, YAML keys, trainer composition.
+
+The real `axolotl train` runs are in test_axolotl.py (they need Axolotl's own environment).
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest
+
+pytest.importorskip("pydantic")
+
+from pydantic import BaseModel, ValidationError  # noqa: E402
+
+from qdylora.plugin.args import PLUGIN, QDyLoraArgs  # noqa: E402
+
+HAS_AXOLOTL = importlib.util.find_spec("axolotl") is not None
+
+
+def test_import_without_axolotl_and_install_hint():
+    """`import qdylora` / `import qdylora.plugin` load no Axolotl; without it the plugin says how to get it."""
+    code = (
+        "import sys\n"
+        "import qdylora, qdylora.plugin\n"
+        "print('IMPORTED AXOLOTL:', 'axolotl' in sys.modules)\n"
+        "sys.modules['axolotl'] = None\n"  # as if Axolotl were not installed
+        "try:\n"
+        "    qdylora.plugin.QDyLoraPlugin\n"
+        "except ImportError as exc:\n"
+        "    print('HINT:', exc)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "IMPORTED AXOLOTL: False" in res.stdout
+    assert "HINT:" in res.stdout and "pip install 'qdylora[axolotl]'" in res.stdout
+
+
+class _AxolotlLike(BaseModel):
+    """The Axolotl fields the plugin's validators read, merged the way Axolotl merges plugin args."""
+
+    plugins: list[str] | None = None
+    adapter: str | None = None
+    lora_r: int | None = None
+    val_set_size: float = 0.0
+    test_datasets: list | None = None
+    rl: str | None = None
+    peft_use_dora: bool | None = None
+    lora_mlp_kernel: bool | None = None
+    lora_qkv_kernel: bool | None = None
+    lora_o_kernel: bool | None = None
+    lora_modules_to_save: list[str] | None = None
+
+
+class Merged(_AxolotlLike, QDyLoraArgs):
+    pass
+
+
+def _cfg(**overrides):
+    cfg = {"plugins": [PLUGIN], "adapter": "qlora", "lora_r": 16, "val_set_size": 0.1}
+    cfg.update(overrides)
+    return cfg
+
+
+def test_valid_config_maps_to_qdylora_config():
+    m = Merged.model_validate(_cfg(qdylora_r_min=2, qdylora_distribution="log_uniform", qdylora_eval_ranks=[16, 2, 8],
+                                   qdylora_export_ranks=[4, "recommended"], qdylora_update="frozen"))
+    config = m.to_qdylora_config(m.lora_r)
+    assert (config.r_min, config.r_max, config.distribution, config.update) == (2, 16, "log_uniform", "frozen")
+    assert config.eval_ranks == [2, 8, 16]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"adapter": None}, "set `adapter: qlora`"),
+        ({"adapter": "ia3"}, "adapter is 'ia3'"),
+        ({"lora_r": None}, "needs lora_r"),
+        ({"rl": "dpo"}, "supervised fine-tuning only"),
+        ({"peft_use_dora": True}, "peft_use_dora: false"),
+        ({"lora_mlp_kernel": True, "lora_o_kernel": True}, "set lora_mlp_kernel: false, lora_o_kernel: false"),
+        ({"qdylora_export_vllm": True, "lora_modules_to_save": ["embed_tokens"]}, "vLLM rejects adapters with modules_to_save"),
+        ({"qdylora_distribution": "normal"}, "distribution='normal' is not allowed"),
+        ({"qdylora_update": "half"}, "update='half' is not allowed"),
+        ({"qdylora_r_min": 0}, "r_min must be an integer >= 1"),
+        ({"qdylora_r_min": 32}, "r_max must be an integer >= r_min (32)"),
+        ({"qdylora_ranks": [1, 99]}, "ranks [99] outside the trained range 1..16"),
+        ({"qdylora_eval_ranks": [0]}, "eval_ranks [0] outside"),
+        ({"qdylora_export_ranks": [4, 17]}, "qdylora_export_ranks [17] outside the trained range 1..16"),
+        ({"qdylora_export_ranks": ["recommended"], "val_set_size": 0.0}, "'recommended', which comes from the rank sweep"),
+        ({"qdylora_export_ranks": ["recommended"], "qdylora_sweep": False}, "keep qdylora_sweep: true"),
+        ({"qdylora_export_ranks": ["best"]}, "qdylora_export_ranks"),
+    ],
+)
+def test_bad_settings_fail_with_a_message_naming_the_fix(overrides, message):
+    with pytest.raises(ValidationError) as info:
+        Merged.model_validate(_cfg(**overrides))
+    assert message in str(info.value)
+
+
+def test_checks_only_apply_when_the_plugin_is_listed():
+    """Axolotl keeps earlier configs' plugins registered in-process: a config without ours is left alone."""
+    Merged.model_validate({"plugins": ["some.other.Plugin"], "adapter": None, "lora_mlp_kernel": True})
+
+
+def test_compose_keeps_the_base_trainers_mixins(tiny_llama, arithmetic_data, tmp_path):
+    """with_qdylora puts QDyLoraMixin in front of the class Axolotl picked, its mixins still run."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from qdylora import QDyLoraConfig, QDyLoraMixin
+    from qdylora.data import DataSpec, collator, load_tokenizer, tokenize
+    from qdylora.plugin.compose import qdylora_config, with_qdylora
+    from qdylora.ranks import RankSampler
+
+    class CountingMixin:  # stands in for Axolotl's PackingMixin, SchedulerMixin, ...
+        calls = 0
+
+        def compute_loss(self, *args, **kwargs):
+            CountingMixin.calls += 1
+            return super().compute_loss(*args, **kwargs)
+
+    class AxolotlLikeTrainer(CountingMixin, Trainer):
+        pass
+
+    cfg = {"lora_r": 8, "qdylora_ranks": [2, 5], "qdylora_seed": 11}
+    composed = with_qdylora(AxolotlLikeTrainer, qdylora_config(cfg))
+    assert composed.__name__ == "QDyLoraAxolotlLikeTrainer"
+    assert composed.__mro__[1:4] == (QDyLoraMixin, AxolotlLikeTrainer, CountingMixin)
+    assert with_qdylora(composed, QDyLoraConfig()) is composed
+
+    model_dir, data = tiny_llama, arithmetic_data[0]
+    tok = load_tokenizer(str(model_dir))
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), max_steps=4, per_device_train_batch_size=4, logging_steps=1,
+                             report_to="none", save_strategy="no", use_cpu=True, remove_unused_columns=False)
+    trainer = composed(model=model, args=args, train_dataset=tokenize(DataSpec(str(data)), tok), data_collator=collator(tok))
+    trainer.train()
+    assert CountingMixin.calls == 4
+    sampler = RankSampler([2, 5], seed=11)
+    assert [e["rank"] for e in trainer.state.log_history if "rank" in e] == [sampler.draw(s) for s in range(4)]
+    assert trainer.qdylora_config.r_max == 8
+
+
+@pytest.mark.skipif(HAS_AXOLOTL, reason="Axolotl is installed here")
+def test_plugin_class_without_axolotl_raises_install_hint():
+    import qdylora.plugin
+
+    with pytest.raises(ImportError, match=r"pip install 'qdylora\[axolotl\]'"):
+        qdylora.plugin.QDyLoraPlugin  # noqa: B018
