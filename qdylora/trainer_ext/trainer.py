@@ -7,6 +7,7 @@ from typing import Any
 from transformers import Trainer
 
 from ..config import QDyLoraConfig
+from ..distributed import check_engine
 from ..ranks import DynamicRank, RankSampler
 from .sweep import SweepResult, run_sweep
 
@@ -29,6 +30,7 @@ class QDyLoraMixin:
 
     def __init__(self, *args: Any, qdylora_config: QDyLoraConfig | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.engine = check_engine(self)  # bad engine config / batch / 4-bit storage: InputError before training
         config = qdylora_config if qdylora_config is not None else QDyLoraConfig()
         self.dynamic_rank = DynamicRank.of(self.model, truncation=config.truncation)
         self.dynamic_rank.state.truncation = config.truncation
