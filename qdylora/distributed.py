@@ -74,10 +74,11 @@ class Engine:
     shards_params: bool = False
 
     def describe(self) -> str:
+        """E.g. "DeepSpeed ZeRO-3 on 2 processes"."""
+        where = f"on {self.world_size} process{'es' if self.world_size > 1 else ''}"
         if self.name == "deepspeed":
-            return f"DeepSpeed ZeRO-{self.zero_stage} on {self.world_size} process(es)"
-        return {"single": "a single process", "ddp": f"DDP on {self.world_size} processes",
-                "fsdp": f"FSDP on {self.world_size} processes"}[self.name]
+            return f"DeepSpeed ZeRO-{self.zero_stage} {where}"
+        return {"single": "a single process", "ddp": f"DDP {where}", "fsdp": f"FSDP {where}"}[self.name]
 
 
 # -- engine configs ---------------------------------------------------------------------------
