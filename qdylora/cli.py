@@ -153,5 +153,9 @@ from .exporters.cli import export  # noqa: E402
 main.add_command(export)
 
 
+from .plan import plan_command  # noqa: E402
+main.add_command(plan_command)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
