@@ -248,7 +248,9 @@ def engine_of(trainer: Any) -> Engine:
         dtype = torch.bfloat16 if _enabled(config.get("bf16")) else torch.float16 if _enabled(config.get("fp16")) else None
         return Engine("deepspeed", world, stage, dtype, shards_params=stage == 3)
     if getattr(trainer, "is_fsdp_enabled", False) or kind == "FSDP":
-        return Engine("fsdp", world, shards_params=True)
+        # with mixed precision FSDP casts every parameter to that dtype for compute
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(state.mixed_precision))
+        return Engine("fsdp", world, param_dtype=dtype, shards_params=True)
     return Engine("single" if world == 1 else "ddp", world)
 
 

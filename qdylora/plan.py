@@ -110,13 +110,14 @@ class MemoryPlan:
                 f"r_max {s['r_max']}, batch {s['batch']} x seq {s['seq']}, {s['optim']}, gradient checkpointing "
                 f"{'on' if s['gradient_checkpointing'] else 'off'}, {s['gpus']} GPU(s)"
                 + (f", ZeRO-{s['zero']}" if s["zero"] else ""))
-        lines = [head, "", f"{'per device':<28}{'GiB':>9}  how"]
+        w = max(len(r.name) for r in self.rows) + 2
+        lines = [head, "", f"{'per device':<{w}}{'GiB':>7}  how"]
         for r in self.rows:
-            lines.append(f"{r.name:<28}{r.nbytes / GiB:>9.2f}  {r.note}")
-        lines.append(f"{'total':<28}{self.total / GiB:>9.2f}")
+            lines.append(f"{r.name:<{w}}{r.nbytes / GiB:>7.2f}  {r.note}")
+        lines.append(f"{'total':<{w}}{self.total / GiB:>7.2f}")
         if self.gpu_mem is not None:
             budget = self.gpu_mem - self.reserve
-            lines.append(f"{'card':<28}{self.gpu_mem / GiB:>9.2f}  minus {self.reserve / GiB:.2f} GiB reserve "
+            lines.append(f"{'card':<{w}}{self.gpu_mem / GiB:>7.2f}  minus {self.reserve / GiB:.2f} GiB reserve "
                          f"(CUDA context, allocator slack) = {budget / GiB:.2f} GiB usable")
             verdict = self.verdict
             if verdict == "fits":
@@ -336,6 +337,27 @@ def _fused_attention() -> Iterator[None]:
         yield
     finally:
         torch.nn.functional.scaled_dot_product_attention = original
+
+
+def measured_activation_bytes(model_dir: str | os.PathLike, r: int, batch: int, seq: int, gradient_checkpointing: bool) -> int:
+    """The activation row's real counterpart: peak saved-for-backward bytes of one forward + backward
+    of a 4-bit `load_model` model with LoRA r on every linear (fp32, on CPU).
+
+    Checkpointing is the reentrant variant: the non-reentrant one keeps the recomputed layer's
+    tensors out of sight of saved_tensors_hooks (same memory, not observable).
+    """
+    from .loading import load_model
+
+    base = load_model(model_dir, compute_dtype="float32", device_map={"": "cpu"}, gradient_checkpointing=gradient_checkpointing)
+    model = with_lora(base, r, "all-linear")
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    ids = torch.randint(0, int(base.config.vocab_size), (batch, seq), generator=torch.Generator().manual_seed(0))
+    meter = SavedTensorMeter(model)
+    with meter.track():
+        model(input_ids=ids, labels=ids).loss.backward()
+    return meter.peak
 
 
 def traced_activation_bytes(config, layers: int, batch: int, seq: int, r: int, target_modules: Any,

@@ -212,3 +212,26 @@ def test_bad_setup_fails_on_every_process_before_training(setup, extra, message)
     assert proc.returncode != 0
     assert proc.stderr.count(message) >= 2, proc.stderr[-3000:]  # both processes raised it
     assert "'loss'" not in proc.stdout and not list(out.rglob("rank_log_*.json"))
+
+
+def test_recipe_runs_under_accelerate_launch_with_the_ddp_example(setup):
+    """`accelerate launch --config_file examples/accelerate/ddp.yaml -m qdylora.cli train` on 2 CPU
+    processes; global_batch_size 4 = 2 processes x 1 x 2 accumulation steps."""
+    out = setup["dir"] / "recipe-ddp"
+    recipe = setup["dir"] / "recipe.yaml"
+    recipe.write_text(json.dumps({
+        "model": setup["model"], "compute_dtype": "float32", "data": {"path": setup["data"], "max_length": 32},
+        "lora": {"r": R, "lora_alpha": 16, "lora_dropout": 0.0}, "global_batch_size": 4, "sweep": {"enabled": False},
+        "training": {"output_dir": str(out), "per_device_train_batch_size": 1, "max_steps": 2, "logging_steps": 1,
+                     "use_cpu": True, "disable_tqdm": True},
+    }))  # JSON is YAML
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--config_file", str(ROOT / "examples" / "accelerate" / "ddp.yaml"),
+           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0",
+           "-m", "qdylora.cli", "train", str(recipe)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    ok(proc)
+    assert "'epoch': '0.125'" in proc.stdout  # after one step: 4 of the 32 records seen
+    assert proc.stdout.count("written to") == 2  # both processes ran the recipe
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == R
