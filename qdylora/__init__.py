@@ -7,9 +7,10 @@ __version__ = "0.1.0"
 
 from .config import QDyLoraConfig
 from .errors import InputError
+from .generation import generate_across_ranks
 from .loading import load_model
 from .ranks import DynamicRank, RankSampler, rank_scope
-from .trainer_ext import QDyLoraMixin, QDyLoraTrainer, SweepResult
+from .trainer_ext import QDyLoraMixin, QDyLoraTrainer, RankSamplesCallback, SweepResult
 
 __all__ = [
     "DynamicRank",
@@ -18,7 +19,9 @@ __all__ = [
     "QDyLoraMixin",
     "QDyLoraTrainer",
     "RankSampler",
+    "RankSamplesCallback",
     "SweepResult",
+    "generate_across_ranks",
     "load_model",
     "rank_scope",
     "__version__",

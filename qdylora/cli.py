@@ -100,19 +100,26 @@ def data_options(fn):
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--no-4bit", is_flag=True, help="Load the base unquantized.")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Where to write rank_sweep.json/png (default: ADAPTER_DIR).")
-def sweep(adapter_dir: str, data_path: str, prompt_field, answer_field, template, max_length, limit, ranks, base, refine, tolerance, batch_size, no_4bit, out) -> None:
+@click.option("--sample-prompts", default=None, type=click.Path(dir_okay=False), help="Also answer these prompts at every rank (one per line, or JSONL); stored in rank_sweep.json.")
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1), help="Length of the sample answers.")
+def sweep(adapter_dir: str, data_path: str, prompt_field, answer_field, template, max_length, limit, ranks, base, refine, tolerance, batch_size, no_4bit, out, sample_prompts, max_new_tokens) -> None:
     """Measure every rank of a trained adapter and recommend one."""
     from .data import DataSpec
+    from .generation import format_samples, read_prompts
     from .trainer_ext.sweep import sweep_adapter
 
     spec = DataSpec(
         path=data_path, prompt_field=prompt_field, answer_field=answer_field,
         template=template, max_length=max_length, limit=limit,
     )
+    prompts = read_prompts(sample_prompts) if sample_prompts else None
     result = sweep_adapter(
         adapter_dir, spec, ranks, base_model=base, load_in_4bit=not no_4bit,
         refine=refine, tolerance=tolerance, batch_size=batch_size, out_dir=out,
+        sample_prompts=prompts, sample_kwargs={"max_new_tokens": max_new_tokens},
     )
+    if result.samples:
+        click.echo(format_samples(result.sample_prompts, result.samples) + "\n")
     click.echo(result.table())
     where = out or adapter_dir
     click.echo(f"recommended rank: {result.recommended_rank}  (rank_sweep.json and rank_sweep.png in {where})")
@@ -151,8 +158,10 @@ def info(adapter_dir: str, as_json: bool) -> None:
 
 from .exporters.cli import export  # noqa: E402
 main.add_command(export)
-
-
+from .generate_cli import generate  # noqa: E402
+main.add_command(generate)
+from .demo.cli import demo  # noqa: E402
+main.add_command(demo)
 from .plan import plan_command  # noqa: E402
 main.add_command(plan_command)
 

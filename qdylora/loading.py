@@ -8,6 +8,7 @@ full precision. We widen that check while the model loads, then verify the resul
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 from collections.abc import Iterator
@@ -121,6 +122,22 @@ def unquantized_linears(model: nn.Module) -> list[str]:
     return out
 
 
+def keep_4bit_trainable(model: nn.Module) -> None:
+    """Stop bitsandbytes from repacking NF4 weights for its bf16 CPU inference kernel.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks every Linear4bit at its first
+    no-grad eval-mode forward. The repacked kernel has no backward, so after any
+    evaluation no gradient flows through the 4-bit base any more (silently: only a
+    warning) and inference runs in bf16 whatever the compute dtype. We keep the
+    unpacked fp32 path: the same numbers in training, evaluation and generation.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+
+
 def check_4bit(model: nn.Module) -> int:
     """Raise unless every linear that should be is NF4 with double quant; return how many are."""
     import bitsandbytes as bnb
@@ -185,6 +202,11 @@ def load_model(
     kwargs.update(from_pretrained_kwargs)
     if str(name_or_path).startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(name_or_path)):
         raise InputError(f"model folder {name_or_path} does not exist")
+    if os.path.isfile(os.path.join(os.path.expanduser(str(name_or_path)), "adapter_config.json")):
+        raise InputError(
+            f"{name_or_path} is an adapter folder, not a base model; use qdylora.loading.load_adapter "
+            "(or pass the adapter with --base pointing at its base model)"
+        )
     if not load_in_4bit:
         return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
 
@@ -192,6 +214,7 @@ def load_model(
     with linear_subclasses_quantizable():
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     check_4bit(model)
+    keep_4bit_trainable(model)
     if prepare_for_training:
         from peft import prepare_model_for_kbit_training
 
@@ -262,3 +285,18 @@ def load_adapter(
     has_tok = any((Path(adapter_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = load_tokenizer(str(adapter_dir) if has_tok else base, trust_remote_code)
     return peft_model, tokenizer, config
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """The full-precision weight a bitsandbytes Linear4bit computes with (W0 = dequant(NF4(W))).
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights in place at the first
+    inference forward; this undoes that packing on a copy before dequantizing.
+    """
+    import bitsandbytes.functional as bnbf
+
+    weight = module.weight
+    data, state = weight.data, weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        data, state = bnbf._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
+    return bnbf.dequantize_4bit(data, state)

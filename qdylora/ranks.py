@@ -6,7 +6,8 @@
 
       h = W0 x + s(b) * B[:, :b] A[:b, :] x,   s(b) = alpha / b  (alpha / sqrt(b) with rsLoRA)
 
-  at the active rank b. That is exactly what PEFT computes for an adapter stored with
+  at the active rank b (slicing A and B, and setting PEFT's per-layer `scaling` to s(b)
+  for the scope). That is exactly what PEFT computes for an adapter stored with
   r = b and the same lora_alpha, which is why a rank-b export needs no qdylora code.
 - `rank_scope(model, b)` sets the active rank for the forward passes inside it. Outside
   any scope the adapter runs at its full rank r_max.
@@ -122,14 +123,16 @@ class DynamicRank:
         self.use_rslora = bool(getattr(config, "use_rslora", False))
         self.state = _State(truncation=truncation)
         self._wrapped: list[nn.Module] = []
+        self._layers: list[tuple[nn.Module, int, float]] = []  # (LoRA layer, its r, its scaling at r)
         self.r_max = 0
         for _, layer in lora_layers(self.model, self.adapter_name):
             r = int(layer.r[self.adapter_name])
             self.r_max = max(self.r_max, r)
             a, b = layer.lora_A[self.adapter_name], layer.lora_B[self.adapter_name]
             a.forward = functools.partial(_forward_a, a, r, self.state)
-            b.forward = functools.partial(_forward_b, b, r, self.state, self.use_rslora)
+            b.forward = functools.partial(_forward_b, b, r, self.state)
             self._wrapped += [a, b]
+            self._layers.append((layer, r, layer.scaling[self.adapter_name]))
         self.model.__dict__[_ATTR] = self
 
     @classmethod
@@ -151,11 +154,18 @@ class DynamicRank:
         if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= self.r_max):
             raise InputError(f"rank {rank!r} outside the adapter's range 1..{self.r_max}")
         saved = (self.state.rank, self.state.frozen)
+        saved_scaling = [layer.scaling[self.adapter_name] for layer, _, _ in self._layers]
         self.state.rank, self.state.frozen = rank, frozen
+        # PEFT multiplies lora_B's output by layer.scaling: set it to s(b) for the scope
+        for layer, r, full in self._layers:
+            b = min(rank if rank is not None else r, r)
+            layer.scaling[self.adapter_name] = full * rank_scale(b, r, self.use_rslora)
         try:
             yield
         finally:
             self.state.rank, self.state.frozen = saved
+            for (layer, _, _), scaling in zip(self._layers, saved_scaling):
+                layer.scaling[self.adapter_name] = scaling
 
     def remove(self) -> None:
         """Restore PEFT's own forward on every wrapped module."""
@@ -199,10 +209,8 @@ def _forward_a(module: nn.Linear, r: int, state: _State, x: torch.Tensor) -> tor
     return F.linear(x, _rank_weight(module.weight, min(b, r), state, 0), None)
 
 
-def _forward_b(module: nn.Linear, r: int, state: _State, use_rslora: bool, h: torch.Tensor) -> torch.Tensor:
+def _forward_b(module: nn.Linear, r: int, state: _State, h: torch.Tensor) -> torch.Tensor:
     b = state.rank
     if b is None or (b >= r and not state.frozen):
         return F.linear(h, module.weight, module.bias)
-    b = min(b, r)
-    out = F.linear(h, _rank_weight(module.weight, b, state, 1), module.bias)
-    return out * rank_scale(b, r, use_rslora)
+    return F.linear(h, _rank_weight(module.weight, min(b, r), state, 1), module.bias)

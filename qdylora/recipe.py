@@ -9,6 +9,7 @@
     training: {output_dir: out, max_steps: 1000, learning_rate: 2e-4, ...}  # TrainingArguments
     global_batch_size: 16             # optional: gradient_accumulation_steps = 16 / (processes x per-device batch)
     sweep: {ranks: null, refine: false, tolerance: 0.01}                     # after training
+    samples: {prompts: [What is 3 plus 4?], ranks: [1, 8, 64], max_new_tokens: 64}  # logged at each eval
 
 Unknown keys anywhere are errors, so a typo never silently falls back to a default.
 """
@@ -28,9 +29,10 @@ from .errors import InputError
 
 TOP_LEVEL = {
     "model", "load_in_4bit", "compute_dtype", "quant_storage", "trust_remote_code",
-    "data", "eval_data", "eval_size", "lora", "qdylora", "training", "sweep", "global_batch_size",
+    "data", "eval_data", "eval_size", "lora", "qdylora", "training", "sweep", "samples", "global_batch_size",
 }
 SWEEP_KEYS = {"ranks", "refine", "tolerance", "enabled"}
+SAMPLE_KEYS = {"prompts", "ranks", "max_new_tokens"}
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Recipe:
     quant_storage: str | None = None
     trust_remote_code: bool = False
     sweep: dict[str, Any] = field(default_factory=dict)
+    samples: dict[str, Any] = field(default_factory=dict)
     global_batch_size: int | None = None
 
     @classmethod
@@ -78,6 +81,7 @@ class Recipe:
         bad = sorted(set(sweep) - SWEEP_KEYS)
         if bad:
             raise InputError(f"unknown sweep key(s) {bad}; allowed: {sorted(SWEEP_KEYS)}")
+        samples = _checked_samples(raw.get("samples") or {}, base_dir)
         return cls(
             model=_local(str(raw["model"]), base_dir),
             data=_data_spec(raw["data"], "data", base_dir),
@@ -91,6 +95,7 @@ class Recipe:
             quant_storage=raw.get("quant_storage"),
             trust_remote_code=bool(raw.get("trust_remote_code", False)),
             sweep=sweep,
+            samples=samples,
             global_batch_size=raw.get("global_batch_size"),
         )
 
@@ -137,6 +142,23 @@ def _data_spec(raw: Any, key: str, base_dir: str | os.PathLike) -> DataSpec:
     return DataSpec(**raw)
 
 
+def _checked_samples(raw: dict[str, Any], base_dir: str | os.PathLike) -> dict[str, Any]:
+    """`samples.prompts` is a list of prompts or a prompts file (one per line, or JSONL)."""
+    from .generation import read_prompts
+
+    bad = sorted(set(raw) - SAMPLE_KEYS)
+    if bad:
+        raise InputError(f"unknown samples key(s) {bad}; allowed: {sorted(SAMPLE_KEYS)}")
+    if not raw:
+        return {}
+    prompts = raw.get("prompts")
+    if isinstance(prompts, str):
+        prompts = read_prompts(_local(prompts, base_dir))
+    if not prompts or not isinstance(prompts, list):
+        raise InputError("samples.prompts must be a non-empty list of prompts or a prompts file")
+    return {**raw, "prompts": [str(p) for p in prompts]}
+
+
 def _checked_lora(raw: dict[str, Any]) -> dict[str, Any]:
     from peft import LoraConfig
 
@@ -175,7 +197,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False):
 
     from .data import collator, load_records, load_tokenizer, tokenize
     from .loading import load_model
-    from .trainer_ext import QDyLoraTrainer, save_sweep
+    from .trainer_ext import QDyLoraTrainer, RankSamplesCallback, save_sweep
 
     out = Path(recipe.training["output_dir"])
     if out.exists() and any(out.iterdir()) and not (overwrite or resume):
@@ -210,6 +232,12 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False):
         processing_class=tokenizer,
         qdylora_config=recipe.qdylora,
     )
+    if recipe.samples:
+        trainer.add_callback(RankSamplesCallback(
+            trainer, recipe.samples["prompts"], recipe.samples.get("ranks"),
+            max_new_tokens=int(recipe.samples.get("max_new_tokens", 64)),
+            template=recipe.data.template, chat_template=False,
+        ))
     trainer.train(resume_from_checkpoint=True if resume else None)
     if eval_ds is not None and recipe.sweep.get("enabled", True):
         trainer.evaluate_ranks(

@@ -109,6 +109,62 @@ def test_merged_nf4_matches_4bit_training_model(export_base, sharded, tmp_path):
         assert torch.equal(merged[key], original[key])  # not quantized by QLoRA, left as they are
 
 
+@pytest.mark.parametrize(
+    "device, compute",
+    [
+        ("cpu", "bfloat16"),
+        ("cpu", "float16"),
+        pytest.param("cuda", "bfloat16", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+        pytest.param("cuda", "float32", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+    ],
+)
+def test_nf4_round_trip_is_what_load_model_holds(export_base, tmp_path, device, compute):
+    """W is cast to the training compute dtype before NF4, as transformers does: the codes then match bit for bit."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    from qdylora import load_model
+    from qdylora.exporters.merged import nf4_round_trip
+
+    model = load_model(export_base, compute_dtype=compute, prepare_for_training=False, device_map={"": device})
+    weights = load_file(str(export_base / "model.safetensors"))
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 14
+    for name, m in layers:
+        held = bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state).float().cpu()
+        assert torch.equal(nf4_round_trip(weights[name + ".weight"], getattr(torch, compute)), held), name
+    # and export_merged(..., compute_dtype=...) writes exactly those weights for untargeted layers
+    src = save_qdylora(lora_model(export_base, target_modules=["q_proj"]), tmp_path / "src")
+    out = export_merged(src, tmp_path / "m", 2, dtype="float32", base_weights="nf4", compute_dtype=compute)
+    merged = all_tensors(out)
+    k_proj = dict(layers)["model.layers.1.self_attn.k_proj"]
+    held = bnbf.dequantize_4bit(k_proj.weight.data, k_proj.weight.quant_state).float().cpu()
+    assert torch.equal(merged["model.layers.1.self_attn.k_proj.weight"], held)
+    assert read_export_info(out)["nf4_compute_dtype"] == compute
+
+
+@pytest.mark.parametrize("arch", ["falcon"])
+def test_merged_nf4_other_architecture(tmp_path, arch):
+    """Falcon's FalconLinear layers (nn.Linear subclasses) are NF4 in training, so nf4 must round them too."""
+    from qdylora.testing import make_tiny_model
+
+    base = make_tiny_model(tmp_path / "base", arch)
+    model = lora_model(base, load_in_4bit=True, target_modules=["query_key_value"])
+    src = save_qdylora(model, tmp_path / "src")
+    out = export_merged(src, tmp_path / "m", 5, dtype="float32", base_weights="nf4")
+    assert (model_logits(reload(out)) - logits(model, 5)).abs().max().item() < TOL
+
+
+def test_merged_modules_to_save(export_base, sharded, tmp_path):
+    """A fully trained module saved beside the LoRA tensors (modules_to_save) replaces the base's."""
+    model = lora_model(export_base, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    with torch.no_grad():
+        model.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.05)
+    src = save_qdylora(model, tmp_path / "src")
+    out = export_merged(src, tmp_path / "m", 2, base_model=sharded, dtype="float32")
+    assert (model_logits(reload(out)) - logits(model, 2)).abs().max().item() < TOL
+
+
 def test_streams_one_shard_at_a_time(trained, sharded, tmp_path, monkeypatch):
     """At most one base shard is open at any time and every base tensor is read exactly once."""
     import safetensors
@@ -172,6 +228,7 @@ def _truncated_shard(sharded: Path, tmp: Path) -> Path:
         ("missing", "does not exist"),
         ("broken shard", "missing or unreadable"),
         ("rank 0", "outside the trained range"),
+        ("hub id not cached", "neither a local folder nor in the Hugging Face cache"),
     ],
 )
 def test_merged_bad_input(trained, sharded, other_bases, tmp_path, case, message):
@@ -181,6 +238,7 @@ def test_merged_bad_input(trained, sharded, other_bases, tmp_path, case, message
         "missing": tmp_path / "no-such-model",
         "broken shard": _truncated_shard(sharded, tmp_path) if case == "broken shard" else sharded,
         "rank 0": sharded,
+        "hub id not cached": "qdylora-tests/no-such-model",
     }[case]
     rank = "0" if case == "rank 0" else "2"
     out = tmp_path / "new" / "merged"

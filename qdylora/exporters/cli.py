@@ -43,11 +43,12 @@ def adapter(adapter_dir: str, rank, ranks, out: str, vllm: bool, pad_to, name, o
     from . import export_adapter, export_adapters, read_export_info, serve_command
 
     many = _ranks(rank, ranks)
+    options = dict(pad_to=pad_to, vllm=vllm, overwrite=overwrite, force=force)
     if many is None:
-        written = {0: export_adapter(adapter_dir, out, rank, pad_to=pad_to, vllm=vllm, overwrite=overwrite, force=force)}
+        paths = [export_adapter(adapter_dir, out, rank, **options)]
     else:
-        written = export_adapters(adapter_dir, out, many, pad_to=pad_to, vllm=vllm, overwrite=overwrite, force=force)
-    infos = {path: read_export_info(path) for path in written.values()}
+        paths = list(export_adapters(adapter_dir, out, many, **options).values())
+    infos = {path: read_export_info(path) for path in paths}
     for path, info in infos.items():
         click.echo(
             f"rank {info['rank']} of {adapter_dir} (r_max {info['r_max']}) -> {path}  "
@@ -73,15 +74,22 @@ def adapter(adapter_dir: str, rank, ranks, out: str, vllm: bool, pad_to, name, o
     "--base-weights", type=click.Choice(["original", "nf4"]), default="original", show_default=True,
     help="Merge into the checkpoint's W, or into dequant(NF4(W)), the weights QLoRA training saw.",
 )
+@click.option(
+    "--compute-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+    help="With --base-weights nf4: the dtype the base was loaded in for training (default: bf16 on a bf16 GPU, else fp32).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--force", is_flag=True, help="Merge an adapter without qdylora_config.json (not trained with qdylora).")
-def merged(adapter_dir: str, rank: str, out: str, base, dtype: str, base_weights: str, overwrite: bool, force: bool) -> None:
+def merged(
+    adapter_dir: str, rank: str, out: str, base, dtype: str, base_weights: str, compute_dtype, overwrite: bool, force: bool
+) -> None:
     """Merge rank b of ADAPTER_DIR into its base: a standalone transformers model folder (streamed shard by shard)."""
     from .adapter import read_export_info
     from .merged import export_merged
 
     path = export_merged(
-        adapter_dir, out, rank, base_model=base, dtype=dtype, base_weights=base_weights, overwrite=overwrite, force=force
+        adapter_dir, out, rank, base_model=base, dtype=dtype, base_weights=base_weights,
+        compute_dtype=compute_dtype, overwrite=overwrite, force=force,
     )
     info = read_export_info(path)
     click.echo(

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from ..loading import _dtype
+from ..loading import _dtype, default_compute_dtype
 from .adapter import EXPORT_INFO
 from .source import PEFT_PREFIX, TOKENIZER_FILES, RankPair, SourceAdapter
 from .staging import staged_output
@@ -91,6 +91,7 @@ def export_merged(
     base_model: str | os.PathLike | None = None,
     dtype: str = "float16",
     base_weights: str = "original",
+    compute_dtype: str | None = None,
     overwrite: bool = False,
     force: bool = False,
 ) -> Path:
@@ -105,6 +106,10 @@ def export_merged(
         dtype: Dtype of the written weights: float16, bfloat16 or float32.
         base_weights: "original" merges into the checkpoint's W; "nf4" into dequant(NF4(W)),
             the weights the adapter was trained against on a QLoRA base.
+        compute_dtype: For "nf4": the dtype the base was loaded in for training
+            (`load_model`'s compute_dtype; W is cast to it before NF4, as transformers
+            does). Default: what `load_model` picks on this machine (bf16 on a bf16 GPU,
+            else fp32). Pass the dtype you trained with.
         overwrite: Replace an existing `out_dir`.
         force: Accept an adapter without qdylora_config.json.
 
@@ -120,15 +125,17 @@ def export_merged(
     if base_weights not in BASE_WEIGHTS:
         raise InputError(f"base_weights={base_weights!r} is not allowed; choose original or nf4")
     out_dtype = _dtype(dtype)
+    nf4_dtype = (_dtype(compute_dtype) or default_compute_dtype()) if base_weights == "nf4" else None
     base_dir = resolve_base(base_model or source.base_model)
     base = BaseCheckpoint.read(base_dir)
     edits = plan_edits(source, b, base)
+    source.tensors.clear()  # the edits hold their own rank-b copies: free the r_max tensors
     quantized = nf4_weight_names(base) if base_weights == "nf4" else set()
 
     with staged_output(out_dir, overwrite=overwrite, protect=[adapter_dir, base_dir]) as tmp:
         total = 0
         for name in tqdm(base.shards, desc="merging shards", unit="shard", disable=len(base.shards) < 2):
-            total += merge_shard(base_dir / name, tmp / name, edits, quantized, out_dtype)
+            total += merge_shard(base_dir / name, tmp / name, edits, quantized, out_dtype, nf4_dtype)
         weight_map = {k: name for name, keys in base.shards.items() for k in keys}
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
@@ -139,7 +146,8 @@ def export_merged(
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         copy_side_files(base_dir, source, tmp)
         info = source.provenance(b, kind="merged", base_model=str(base_model or source.base_model),
-                                 base_folder=str(base_dir.resolve()), base_weights=base_weights, dtype=dtype)
+                                 base_folder=str(base_dir.resolve()), base_weights=base_weights, dtype=dtype,
+                                 nf4_compute_dtype=str(nf4_dtype).removeprefix("torch.") if nf4_dtype else None)
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return Path(out_dir)
 
@@ -204,32 +212,38 @@ def plan_edits(source: SourceAdapter, rank: int, base: BaseCheckpoint) -> dict[s
 
 
 def _add_delta(pair: RankPair, transpose: bool) -> Edit:
+    a, b, scale = pair.a.clone(), pair.b.clone(), pair.scale  # rank-b copies, not views of the r_max tensors
+
     def edit(w: torch.Tensor) -> torch.Tensor:
-        delta = (pair.b.float() @ pair.a.float()) * pair.scale
-        return w.float() + (delta.T if transpose else delta)
+        w = w.to(torch.float32, copy=True)  # one fp32 copy, updated in place: W + scale * B A
+        if transpose:
+            return w.addmm_(a.T.float(), b.T.float(), alpha=scale)
+        return w.addmm_(b.float(), a.float(), alpha=scale)
 
     return edit
 
 
 def _add_bias(pair: RankPair) -> Edit:
-    return lambda w: w.float() + pair.bias.float() * pair.scale
+    bias, scale = pair.bias.clone(), pair.scale
+    return lambda w: w.float() + bias.float() * scale
 
 
 def _replace(tensor: torch.Tensor) -> Edit:
     return lambda _w: tensor.float()
 
 
-def nf4_round_trip(weight: torch.Tensor) -> torch.Tensor:
-    """dequant(NF4(W)) in fp32, exactly what bitsandbytes' Linear4bit (NF4, double quant) holds.
+def nf4_round_trip(weight: torch.Tensor, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """dequant(NF4(W)) as fp32: exactly what bitsandbytes' Linear4bit (NF4, double quant) holds.
 
-    Quantized in fp32 on the GPU when there is one (where QLoRA training runs), else on
-    the CPU. With bf16 compute the trained model saw this value rounded to bf16.
+    transformers casts W to the model's dtype (load_model's compute_dtype) before
+    quantizing, so the same cast comes first here; the choice changes the NF4 codes of an
+    fp32 or fp16 checkpoint. Quantized on the GPU when there is one (where training ran).
     """
     import bitsandbytes.functional as bnbf
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     packed, state = bnbf.quantize_4bit(
-        weight.to(device=device, dtype=torch.float32),
+        weight.to(device=device, dtype=compute_dtype),
         blocksize=NF4_BLOCKSIZE, compress_statistics=True, quant_type="nf4",
     )
     return bnbf.dequantize_4bit(packed, state).float().cpu()
@@ -268,24 +282,49 @@ def nf4_weight_names(base: BaseCheckpoint) -> set[str]:
 
 
 def merge_shard(
-    src: Path, dst: Path, edits: dict[str, Edit], quantized: set[str], dtype: torch.dtype
+    src: Path,
+    dst: Path,
+    edits: dict[str, Edit],
+    quantized: set[str],
+    dtype: torch.dtype,
+    nf4_dtype: torch.dtype | None = None,
 ) -> int:
     """Read one base shard, apply the edits (after NF4 rounding where asked), write it; return its bytes."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    out: dict[str, torch.Tensor] = {}
     with safe_open(str(src), "pt") as f:
-        metadata = f.metadata() or {}
-        for key in f.keys():
+        metadata, keys = f.metadata() or {}, list(f.keys())
+    out: dict[str, torch.Tensor] = {}
+    for key in keys:
+        # reopened per tensor: the memory map (whose touched pages count as resident) then
+        # never holds more than the tensor being read, so the peak is about one output shard
+        with safe_open(str(src), "pt") as f:
             t = f.get_tensor(key)
-            if key in quantized:
-                t = nf4_round_trip(t)
-            if key in edits:
-                t = edits[key](t)
-            out[key] = t.to(dtype) if t.is_floating_point() else t
+        if key in quantized:
+            t = nf4_round_trip(t, nf4_dtype or torch.float32)
+        if key in edits:
+            t = edits[key](t)
+        out[key] = t.to(dtype) if t.is_floating_point() else t
     save_file(out, str(dst), metadata={**metadata, "format": "pt"})
-    return sum(t.numel() * t.element_size() for t in out.values())
+    size = sum(t.numel() * t.element_size() for t in out.values())
+    del out
+    _return_freed_memory()
+    return size
+
+
+def _return_freed_memory() -> None:
+    """Give freed heap memory back to the OS after a shard.
+
+    glibc keeps freed blocks below its (self-raising) mmap threshold in the heap, so
+    without this the resident size creeps up shard after shard; no-op off glibc.
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def copy_side_files(base_dir: Path, source: SourceAdapter, out: Path) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 import shlex
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -82,7 +82,7 @@ def padded(
     config.update(
         r=pad_to, lora_alpha=base_alpha * ratio, rank_pattern={}, alpha_pattern={}, inference_mode=True
     )
-    tensors = dict((k, source.tensors[k]) for k in source.extra_keys)
+    tensors = {k: source.tensors[k] for k in source.extra_keys}
     for pair in source.rank_pairs(rank):
         tensors.update(_pad_pair(pair, pad_to, pair.scale / shared))
     return tensors, config
@@ -106,8 +106,3 @@ def serve_command(model: str | None, adapters: Mapping[str, str | os.PathLike], 
     if len(adapters) > 1:
         line += f" --max-loras {len(adapters)}"  # let one batch mix all of them
     return line
-
-
-def adapter_names(stem: str, ranks: Iterable[int]) -> dict[int, str]:
-    """Served names for the ranks of one run: '<stem>-r<b>'."""
-    return {b: f"{stem}-r{b}" for b in ranks}

@@ -32,6 +32,7 @@ class SweepResult:
     tolerance: float = 0.01
     recommended_rank: int = 0
     samples: dict[int, list[str]] = field(default_factory=dict)
+    sample_prompts: list[str] = field(default_factory=list)  # samples[rank][i] answers sample_prompts[i]
 
     def __post_init__(self) -> None:
         if not self.recommended_rank and self.results:
@@ -47,7 +48,8 @@ class SweepResult:
         pick = max if self.greater_is_better else min
         return pick(vals, key=lambda r: (vals[r], -r) if self.greater_is_better else (vals[r], r))
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, samples: bool = True) -> dict[str, Any]:
+        """JSON-ready dict; `samples=False` leaves out the generated answers (for qdylora_config.json)."""
         out = {
             "metric": self.metric,
             "greater_is_better": self.greater_is_better,
@@ -56,8 +58,9 @@ class SweepResult:
             "best_rank": self.best_rank,
             "results": {str(r): m for r, m in sorted(self.results.items())},
         }
-        if self.samples:
+        if samples and self.samples:
             out["samples"] = {str(r): s for r, s in sorted(self.samples.items())}
+            out["sample_prompts"] = list(self.sample_prompts)
         return out
 
     @classmethod
@@ -69,6 +72,7 @@ class SweepResult:
             tolerance=data.get("tolerance", 0.01),
             recommended_rank=data.get("recommended_rank", 0),
             samples={int(r): s for r, s in data.get("samples", {}).items()},
+            sample_prompts=list(data.get("sample_prompts", [])),
         )
 
     def table(self) -> str:
@@ -118,11 +122,20 @@ def run_sweep(
     tolerance: float = 0.01,
     metric: str = "eval_loss",
     greater_is_better: bool = False,
+    sample_prompts: list[str] | None = None,
+    sample_kwargs: dict[str, Any] | None = None,
 ) -> SweepResult:
-    """Evaluate `trainer` (a QDyLoRA trainer) at each rank, refining around the best if asked."""
+    """Evaluate `trainer` (a QDyLoRA trainer) at each rank, refining around the best if asked.
+
+    With `sample_prompts`, also answer them at every measured rank (`generate_across_ranks`
+    with `sample_kwargs`, using the trainer's `processing_class` as tokenizer).
+    """
     config = trainer.qdylora_config
     ranks = sorted(set(ranks))
     config.check_ranks(ranks)
+    sample_prompts = list(sample_prompts or [])
+    if sample_prompts and getattr(trainer, "processing_class", None) is None:
+        raise InputError("sample_prompts need a tokenizer: pass processing_class=tokenizer to the trainer")
     results: dict[int, dict[str, float]] = {}
 
     def measure(todo: list[int], desc: str) -> None:
@@ -140,7 +153,18 @@ def run_sweep(
         extra = refine_ranks(values, config.r_min, config.r_max, greater_is_better)
         if extra:
             measure(extra, "refining")
-    return SweepResult(results, metric=metric, greater_is_better=greater_is_better, tolerance=tolerance)
+    samples = {}
+    if sample_prompts:
+        from ..generation import generate_across_ranks
+
+        samples = generate_across_ranks(
+            trainer.model, trainer.processing_class, sample_prompts, sorted(results),
+            progress=trainer.is_world_process_zero(), **(sample_kwargs or {}),
+        )
+    return SweepResult(
+        results, metric=metric, greater_is_better=greater_is_better, tolerance=tolerance,
+        samples=samples, sample_prompts=sample_prompts,
+    )
 
 
 def plot_sweep(result: SweepResult, path: str | os.PathLike, title: str | None = None) -> Path:
@@ -193,11 +217,15 @@ def sweep_adapter(
     tolerance: float = 0.01,
     batch_size: int = 8,
     out_dir: str | os.PathLike | None = None,
+    sample_prompts: list[str] | None = None,
+    sample_kwargs: dict[str, Any] | None = None,
 ) -> SweepResult:
     """Sweep a saved adapter on a prompt/answer dataset (`data`: a `qdylora.data.DataSpec`).
 
     Writes rank_sweep.json and rank_sweep.png into `out_dir` (default: the adapter folder)
-    and records the result in the adapter's qdylora_config.json.
+    and records the result in the adapter's qdylora_config.json. `sample_prompts` are
+    answered at every rank, written with the data's template and no chat template (as
+    the evaluation examples are) unless `sample_kwargs` says otherwise.
     """
     from transformers import TrainingArguments
 
@@ -214,10 +242,14 @@ def sweep_adapter(
             output_dir=scratch, per_device_eval_batch_size=batch_size, report_to="none", remove_unused_columns=False
         )
         trainer = QDyLoraTrainer(
-            model=model, args=args, eval_dataset=eval_ds, data_collator=collator(tokenizer), qdylora_config=config
+            model=model, args=args, eval_dataset=eval_ds, data_collator=collator(tokenizer), qdylora_config=config,
+            processing_class=tokenizer,
         )
-        trainer.evaluate_ranks(ranks, refine=refine, tolerance=tolerance)
+        sample_kwargs = {"template": data.template, "chat_template": False, **(sample_kwargs or {})}
+        trainer.evaluate_ranks(
+            ranks, refine=refine, tolerance=tolerance, sample_prompts=sample_prompts, sample_kwargs=sample_kwargs
+        )
     result = trainer.rank_sweep
     save_sweep(result, out_dir or adapter_dir)
-    config.save_pretrained(adapter_dir, sweep=result.to_dict())
+    config.save_pretrained(adapter_dir, sweep=result.to_dict(samples=False))  # answers stay in rank_sweep.json
     return result

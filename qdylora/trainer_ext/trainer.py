@@ -8,7 +8,7 @@ from transformers import Trainer
 
 from ..config import QDyLoraConfig
 from ..distributed import check_engine
-from ..ranks import DynamicRank, RankSampler
+from ..ranks import DynamicRank, RankSampler, check_lora_model
 from .sweep import SweepResult, run_sweep
 
 
@@ -29,6 +29,9 @@ class QDyLoraMixin:
     """
 
     def __init__(self, *args: Any, qdylora_config: QDyLoraConfig | None = None, **kwargs: Any) -> None:
+        model = kwargs.get("model", args[0] if args else None)
+        if model is not None:
+            check_lora_model(model)  # before Trainer's own checks, with a message naming what was found
         super().__init__(*args, **kwargs)
         self.engine = check_engine(self)  # bad engine config / batch / 4-bit storage: InputError before training
         config = qdylora_config if qdylora_config is not None else QDyLoraConfig()
@@ -94,6 +97,8 @@ class QDyLoraMixin:
         tolerance: float = 0.01,
         metric: str = "eval_loss",
         greater_is_better: bool = False,
+        sample_prompts: list[str] | None = None,
+        sample_kwargs: dict[str, Any] | None = None,
     ) -> dict[int, dict[str, float]]:
         """Evaluate every rank in `ranks` (default: the config's eval ranks).
 
@@ -101,6 +106,10 @@ class QDyLoraMixin:
         rank is also logged as `eval_r{rank}_*`. The result, with the recommended rank (the
         smallest within `tolerance` of the best), is kept in `self.rank_sweep` and written
         to qdylora_config.json at the next save.
+
+        With `sample_prompts`, each measured rank also answers them (greedy unless
+        `sample_kwargs`, passed to `qdylora.generate_across_ranks`, says otherwise); the
+        answers are in `self.rank_sweep.samples` and rank_sweep.json.
         """
         self.rank_sweep = run_sweep(
             self,
@@ -110,6 +119,8 @@ class QDyLoraMixin:
             tolerance=tolerance,
             metric=metric,
             greater_is_better=greater_is_better,
+            sample_prompts=sample_prompts,
+            sample_kwargs=sample_kwargs,
         )
         return self.rank_sweep.results
 
@@ -117,7 +128,7 @@ class QDyLoraMixin:
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict=state_dict)
         if self.args.should_save:
-            extra = {"sweep": self.rank_sweep.to_dict()} if self.rank_sweep is not None else {}
+            extra = {"sweep": self.rank_sweep.to_dict(samples=False)} if self.rank_sweep is not None else {}
             self.qdylora_config.save_pretrained(output_dir or self.args.output_dir, **extra)
 
 

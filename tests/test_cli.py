@@ -1,0 +1,111 @@
+"""The click CLI: train -> sweep -> info end to end, and bad input exits 2 with one line."""
+
+import json
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from qdylora.cli import main
+
+
+def _yaml(tmp_path, model_dir, data, out, **extra):
+    cfg = {
+        "model": str(model_dir),
+        "data": {"path": str(data[0]), "max_length": 48},
+        "eval_data": {"path": str(data[1]), "max_length": 48},
+        "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+        "qdylora": {"r_min": 1},
+        "training": {"output_dir": str(out), "max_steps": 6, "per_device_train_batch_size": 4,
+                     "learning_rate": 0.01, "logging_steps": 2, "warmup_ratio": 0.03, "disable_tqdm": True},
+        "sweep": {"ranks": [1, 2, 8]},
+    }
+    cfg.update(extra)
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_llama, arithmetic_data):
+    tmp = tmp_path_factory.mktemp("cli")
+    out = tmp / "out"
+    result = CliRunner().invoke(main, ["train", str(_yaml(tmp, tiny_llama, arithmetic_data, out))])
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+def test_train_writes_adapter_config_and_sweep(trained):
+    out, result = trained
+    for name in ("adapter_config.json", "adapter_model.safetensors", "qdylora_config.json",
+                 "rank_sweep.json", "rank_sweep.png"):
+        assert (out / name).is_file(), name
+    data = json.loads((out / "qdylora_config.json").read_text())
+    assert data["config"]["r_max"] == 8
+    assert set(data["sweep"]["results"]) == {"1", "2", "8"}
+    assert "recommended rank" in result.output
+
+
+def test_sweep_and_info(trained, arithmetic_data, tmp_path):
+    out, _ = trained
+    res = CliRunner().invoke(main, ["sweep", str(out), "--data", str(arithmetic_data[1]), "--ranks", "1,4",
+                                    "--refine", "--out", str(tmp_path / "sw"), "--max-length", "48"])
+    assert res.exit_code == 0, res.output
+    sweep = json.loads((tmp_path / "sw" / "rank_sweep.json").read_text())
+    assert {"1", "4"} <= set(sweep["results"]) and len(sweep["results"]) >= 3  # refined between neighbours
+    assert json.loads((out / "qdylora_config.json").read_text())["sweep"]["results"].keys() == sweep["results"].keys()
+    info = CliRunner().invoke(main, ["info", str(out)])
+    assert info.exit_code == 0 and "1..8" in info.output and "recommended" in info.output
+
+
+def _fails_with(args, needle):
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2, (res.exit_code, res.output)
+    lines = [line for line in res.output.strip().splitlines() if line.startswith("Error")]
+    assert lines and needle in lines[-1], res.output
+    return res
+
+
+def test_bad_input_exits_2_with_a_readable_message(trained, tiny_llama, arithmetic_data, tmp_path):
+    out, _ = trained
+    cfg = _yaml(tmp_path, tiny_llama, arithmetic_data, tmp_path / "o", learning_rat=0.1)
+    _fails_with(["train", str(cfg)], "unknown key(s) ['learning_rat']")
+    _fails_with(["train", str(tmp_path / "missing.yaml")], "does not exist")
+    cfg = _yaml(tmp_path, tiny_llama, arithmetic_data, out)  # existing output folder
+    _fails_with(["train", str(cfg)], "--overwrite")
+    cfg = _yaml(tmp_path, tiny_llama, arithmetic_data, tmp_path / "o", qdylora={"distribution": "normal"})
+    _fails_with(["train", str(cfg)], "uniform, log_uniform")
+    data = str(arithmetic_data[1])
+    _fails_with(["sweep", str(out), "--data", data, "--ranks", "1,9"], "[9] outside the trained range 1..8")
+    _fails_with(["sweep", str(out), "--data", data, "--ranks", "1,x"], "not a list of ranks")
+    _fails_with(["sweep", str(out), "--data", str(tmp_path / "nope.jsonl")], "does not exist")
+    _fails_with(["sweep", str(tmp_path / "no-adapter"), "--data", data], "does not exist")
+    _fails_with(["info", str(tmp_path)], "not trained with qdylora")
+    assert not (tmp_path / "o").exists()  # nothing half-written by the failed trainings
+
+
+def test_training_key_typos_are_caught(tiny_llama, arithmetic_data, tmp_path):
+    cfg = _yaml(tmp_path, tiny_llama, arithmetic_data, tmp_path / "o")
+    raw = yaml.safe_load(cfg.read_text())
+    raw["training"]["max_step"] = 3
+    cfg.write_text(yaml.safe_dump(raw))
+    _fails_with(["train", str(cfg)], "TrainingArguments")
+
+
+def test_train_logs_sample_answers_per_rank(tiny_llama, arithmetic_data, tmp_path):
+    from qdylora.recipe import Recipe, run
+
+    cfg = _yaml(tmp_path, tiny_llama, arithmetic_data, tmp_path / "o",
+                samples={"prompts": ["What is 2 plus 3?"], "ranks": [1, 8], "max_new_tokens": 4})
+    raw = yaml.safe_load(cfg.read_text())
+    raw["training"].update({"eval_strategy": "steps", "eval_steps": 3})
+    cfg.write_text(yaml.safe_dump(raw))
+    trainer = run(Recipe.from_yaml(cfg))
+    logged = [h for h in trainer.state.log_history if "eval_samples" in h]
+    assert [h["step"] for h in logged] == [3, 6]
+    assert {(row["prompt"], row["rank"]) for row in logged[-1]["eval_samples"]} == {
+        ("What is 2 plus 3?", 1), ("What is 2 plus 3?", 8)}
+    cfg2 = _yaml(tmp_path, tiny_llama, arithmetic_data, tmp_path / "o2", samples={"prompt": ["x"]})
+    _fails_with(["train", str(cfg2)], "unknown samples key(s) ['prompt']")
+    cfg3 = _yaml(tmp_path, tiny_llama, arithmetic_data, tmp_path / "o3", samples={"prompts": ["x"], "ranks": [9]})
+    _fails_with(["train", str(cfg3)], "outside")
