@@ -162,6 +162,8 @@ from .generate_cli import generate  # noqa: E402
 main.add_command(generate)
 from .demo.cli import demo  # noqa: E402
 main.add_command(demo)
+from .plan import plan_command  # noqa: E402
+main.add_command(plan_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

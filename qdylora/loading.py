@@ -27,8 +27,16 @@ def default_compute_dtype() -> torch.dtype:
     return torch.float32
 
 
-def default_device_map() -> dict[str, Any]:
-    """One whole model per process: the local GPU under accelerate/torchrun, else CPU."""
+def default_device_map() -> dict[str, Any] | None:
+    """One whole model per process: the local GPU under accelerate/torchrun, else CPU.
+
+    None under DeepSpeed ZeRO-3, which places and partitions the weights itself (and
+    refuses a device_map).
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return None
     if torch.cuda.is_available():
         return {"": int(os.environ.get("LOCAL_RANK", 0))}
     return {"": "cpu"}

@@ -7,6 +7,7 @@
     lora: {r: 64, lora_alpha: 16, target_modules: all-linear, lora_dropout: 0.05}
     qdylora: {r_min: 1, distribution: uniform}
     training: {output_dir: out, max_steps: 1000, learning_rate: 2e-4, ...}  # TrainingArguments
+    global_batch_size: 16             # optional: gradient_accumulation_steps = 16 / (processes x per-device batch)
     sweep: {ranks: null, refine: false, tolerance: 0.01}                     # after training
     samples: {prompts: [What is 3 plus 4?], ranks: [1, 8, 64], max_new_tokens: 64}  # logged at each eval
 
@@ -23,11 +24,12 @@ from typing import Any
 
 from .config import QDyLoraConfig
 from .data import DataSpec
+from .distributed import accumulation_for, check_training_engine, world_size
 from .errors import InputError
 
 TOP_LEVEL = {
     "model", "load_in_4bit", "compute_dtype", "quant_storage", "trust_remote_code",
-    "data", "eval_data", "eval_size", "lora", "qdylora", "training", "sweep", "samples",
+    "data", "eval_data", "eval_size", "lora", "qdylora", "training", "sweep", "samples", "global_batch_size",
 }
 SWEEP_KEYS = {"ranks", "refine", "tolerance", "enabled"}
 SAMPLE_KEYS = {"prompts", "ranks", "max_new_tokens"}
@@ -50,6 +52,7 @@ class Recipe:
     trust_remote_code: bool = False
     sweep: dict[str, Any] = field(default_factory=dict)
     samples: dict[str, Any] = field(default_factory=dict)
+    global_batch_size: int | None = None
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> Recipe:
@@ -86,13 +89,14 @@ class Recipe:
             eval_size=raw.get("eval_size"),
             lora=_checked_lora(raw.get("lora") or {}),
             qdylora=QDyLoraConfig.from_dict(raw.get("qdylora") or {}),
-            training=_checked_training(raw["training"]),
+            training=check_training_engine(_checked_training(raw["training"]), base_dir, raw.get("global_batch_size")),
             load_in_4bit=bool(raw.get("load_in_4bit", True)),
             compute_dtype=raw.get("compute_dtype"),
             quant_storage=raw.get("quant_storage"),
             trust_remote_code=bool(raw.get("trust_remote_code", False)),
             sweep=sweep,
             samples=samples,
+            global_batch_size=raw.get("global_batch_size"),
         )
 
     def lora_config(self):
@@ -107,6 +111,10 @@ class Recipe:
 
         kwargs = {"report_to": "none", "save_strategy": "no", "logging_steps": 10, "remove_unused_columns": False}
         kwargs.update(self.training)
+        if self.global_batch_size is not None:
+            kwargs["gradient_accumulation_steps"] = accumulation_for(
+                self.global_batch_size, world_size(), int(kwargs.get("per_device_train_batch_size", 8))
+            )
         kwargs.update(overrides)
         return TrainingArguments(**kwargs)
 

@@ -7,6 +7,7 @@ from typing import Any
 from transformers import Trainer
 
 from ..config import QDyLoraConfig
+from ..distributed import check_engine
 from ..ranks import DynamicRank, RankSampler, check_lora_model
 from .sweep import SweepResult, run_sweep
 
@@ -33,6 +34,7 @@ class QDyLoraMixin:
         if model is not None and kwargs.get("peft_config") is None:
             check_lora_model(model)  # before Trainer's own checks, with a message naming what was found
         super().__init__(*args, **kwargs)
+        self.engine = check_engine(self)  # bad engine config / batch / 4-bit storage: InputError before training
         config = qdylora_config if qdylora_config is not None else QDyLoraConfig()
         self.dynamic_rank = DynamicRank.of(self.model, truncation=config.truncation)
         self.dynamic_rank.state.truncation = config.truncation
