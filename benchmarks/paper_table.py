@@ -16,7 +16,8 @@ train problems, first 64 test problems, constant LR 5e-4, warmup 0.03, grad norm
 alpha 16, dropout 0), so its numbers can be compared. Outputs (markdown, JSON, plot) go to
 --out (default benchmarks/results/) as paper_table.{md,json,png}; --smoke runs a few steps
 on a few examples into paper_table_smoke.*. Partial results are saved after every arm;
---resume skips arms already measured with the same settings.
+--resume skips arms already measured with the same settings and reloads the adapters
+already trained (kept under --work) instead of training them again.
 
     OMP_NUM_THREADS=1 python benchmarks/paper_table.py              # about 50 min on 2 idle cores
     OMP_NUM_THREADS=1 python benchmarks/paper_table.py --smoke      # about 2 min
@@ -77,11 +78,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-accuracy", action="store_true", help="skip generation (loss only)")
     p.add_argument("--arms", default="qdylora,qlora,truncated", help="subset of qdylora,qlora,truncated")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--work", default=None,
+                   help="where trained adapters are kept for --resume (default ~/.cache/qdylora/paper_table[_smoke])")
     p.add_argument("--smoke", action="store_true", help="4 steps, 16 train / 8 test problems, 24 new tokens")
     p.add_argument("--resume", action="store_true", help="keep arms already measured with the same settings")
     args = p.parse_args(argv)
     if args.smoke:
         args.steps, args.train_limit, args.test_limit, args.max_new_tokens = 4, 16, 8, 24
+    args.work = args.work or str(Path.home() / ".cache" / "qdylora" / ("paper_table_smoke" if args.smoke else "paper_table"))
     args.ranks = sorted({int(r) for r in args.ranks.split(",")})
     if max(args.ranks) > args.r_max or min(args.ranks) < 1:
         p.error(f"--ranks must lie in 1..{args.r_max}")
@@ -171,7 +175,7 @@ def measure(model: Any, ranks: list[int | None], ctx: dict[str, Any], label: str
     """{rank: {eval_loss, accuracy, seconds}} with the adapter at each rank (None: no adapter)."""
     out = {}
     for r in ranks:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if r is None:
             scope = model.disable_adapter()
         else:
@@ -185,6 +189,7 @@ def measure(model: Any, ranks: list[int | None], ctx: dict[str, Any], label: str
                 row["accuracy"] = acc
                 row["sample"] = gens[0]
         row["seconds"] = time.perf_counter() - t0
+        row["cpu_seconds"] = time.process_time() - c0
         key = "base" if r is None else str(r)
         out[key] = row
         acc_txt = f"  acc {row['accuracy']:.3f}" if "accuracy" in row else ""
@@ -204,10 +209,24 @@ def build_model(args: argparse.Namespace, r: int):
 
 
 def train(args: argparse.Namespace, ctx: dict[str, Any], r: int, dynamic: bool, label: str):
-    """Train one arm; returns (model, training seconds, final training loss)."""
+    """Train one arm, or with --resume reload the adapter it saved before.
+
+    Returns (model, {"train_seconds", "train_cpu_seconds", "train_loss"}). Each trained
+    adapter is saved under --work, so a run cut short never has to train an arm twice.
+    """
     import tempfile
 
+    from peft import PeftModel
     from transformers import Trainer, TrainingArguments
+
+    saved = Path(args.work) / label.replace(" ", "-")
+    record = saved / "train_record.json"
+    if args.resume and record.is_file():
+        info = json.loads(record.read_text())
+        if info.get("settings") == json.loads(json.dumps(settings(args))):
+            print(f"[{label}] reusing the adapter trained before in {saved}", flush=True)
+            model = PeftModel.from_pretrained(load_model(args.model, prepare_for_training=False), str(saved))
+            return model, info["train"]
 
     model = build_model(args, r)
     with tempfile.TemporaryDirectory() as scratch:
@@ -224,11 +243,15 @@ def train(args: argparse.Namespace, ctx: dict[str, Any], r: int, dynamic: bool, 
         else:
             trainer = Trainer(**kwargs)
         print(f"[{label}] training {args.steps} steps", flush=True)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = trainer.train()
-        seconds = time.perf_counter() - t0
-    print(f"[{label}] trained in {seconds:.0f}s, train loss {result.training_loss:.4f}", flush=True)
-    return model, seconds, result.training_loss
+        info = {"train_seconds": time.perf_counter() - t0, "train_cpu_seconds": time.process_time() - c0,
+                "train_loss": result.training_loss}
+    print(f"[{label}] trained in {info['train_seconds']:.0f}s ({info['train_cpu_seconds']:.0f}s CPU), "
+          f"train loss {info['train_loss']:.4f}", flush=True)
+    model.save_pretrained(str(saved))
+    write_json_atomic(record, {"settings": settings(args), "train": info})
+    return model, info
 
 
 # -- reporting -----------------------------------------------------------------------------
@@ -309,24 +332,40 @@ def write_report(res: dict[str, Any], args: argparse.Namespace, out: Path, stem:
     if not args.no_accuracy:
         md += ["## Exact-match accuracy of the final number", ""] + table("accuracy", "{:.3f}") + [""]
     md += ["## Targets (reported, not asserted)", ""] + targets(res, ranks) + [""]
-    md += ["## Wall time", "", "| arm | train | evaluation |", "|---|---|---|"]
+    def cpu(rows_: dict[str, Any]) -> float:
+        return sum(m.get("cpu_seconds", 0.0) for m in rows_.values())
+
+    def mins(wall: float, cpu_s: float) -> str:
+        return f"{wall / 60:.1f} min ({cpu_s / 60:.1f} CPU)" if cpu_s else f"{wall / 60:.1f} min"
+
+    md += ["## Time", "", "Wall time, and in brackets the process's CPU time: with one thread on a machine shared "
+           "with other jobs, CPU time is the better estimate of the wall time on an idle machine.", "",
+           "| arm | train | evaluation |", "|---|---|---|"]
+    train_time: dict[str, tuple[float, float]] = {}
+    eval_time: dict[str, tuple[float, float]] = {}
     if "qdylora" in arms:
         a = arms["qdylora"]
-        md.append(f"| QDyLoRA r_max {args.r_max} (one run, {len(ranks)} ranks measured) | {a['train_seconds'] / 60:.1f} min "
-                  f"| {a['eval_seconds'] / 60:.1f} min |")
+        train_time["qdylora"] = (a["train_seconds"], a.get("train_cpu_seconds", 0.0))
+        eval_time["qdylora"] = (a["eval_seconds"], cpu(a["ranks"]))
+        md.append(f"| QDyLoRA r_max {args.r_max} (one run, {len(ranks)} ranks + zero-shot measured) "
+                  f"| {mins(*train_time['qdylora'])} | {mins(*eval_time['qdylora'])} |")
     if "qlora" in arms:
         for r, run in arms["qlora"]["runs"].items():
-            md.append(f"| QLoRA r {r} | {run['train_seconds'] / 60:.1f} min | {run['eval_seconds'] / 60:.1f} min |")
+            train_time[r] = (run["train_seconds"], run.get("train_cpu_seconds", 0.0))
+            eval_time[r] = (run["eval_seconds"], cpu(run["ranks"]))
+            md.append(f"| QLoRA r {r} | {mins(*train_time[r])} | {mins(*eval_time[r])} |")
     if "truncated" in arms:
-        md.append(f"| truncated QLoRA-{args.r_max} (no training) | - | {arms['truncated']['eval_seconds'] / 60:.1f} min |")
+        t = arms["truncated"]
+        md.append(f"| truncated QLoRA-{args.r_max} (no training) | - | {mins(t['eval_seconds'], cpu(t['ranks']))} |")
     if "qdylora" in arms and "qlora" in arms:
-        search = sum(run["train_seconds"] for run in arms["qlora"]["runs"].values())
-        search_eval = search + sum(run["eval_seconds"] for run in arms["qlora"]["runs"].values())
-        one = arms["qdylora"]["train_seconds"]
-        one_eval = one + arms["qdylora"]["eval_seconds"]
-        md += ["", f"QLoRA rank search ({len(arms['qlora']['runs'])} runs): {search / 60:.1f} min of training "
-               f"({search_eval / 60:.1f} min with evaluation) vs ONE QDyLoRA run: {one / 60:.1f} min "
-               f"({one_eval / 60:.1f} min with its rank sweep); ratio {search / one:.2f}x ({search_eval / one_eval:.2f}x)."]
+        runs = arms["qlora"]["runs"]
+        search = [sum(train_time[r][i] for r in runs) for i in (0, 1)]
+        search_eval = [search[i] + sum(eval_time[r][i] for r in runs) for i in (0, 1)]
+        one = train_time["qdylora"]
+        one_eval = [one[i] + eval_time["qdylora"][i] for i in (0, 1)]
+        md += ["", f"QLoRA rank search ({len(runs)} runs): {mins(*search)} of training, {mins(*search_eval)} with "
+               f"evaluation, vs ONE QDyLoRA run: {mins(*one)} of training, {mins(*one_eval)} with its rank sweep. "
+               f"Ratio (wall): {search[0] / one[0]:.2f}x training, {search_eval[0] / one_eval[0]:.2f}x with evaluation."]
     md += ["", f"Plot: `{stem}.png`; raw numbers: `{stem}.json`.", ""]
     (out / f"{stem}.md").write_text("\n".join(md))
     plot(rows, base, out / f"{stem}.png", args)
@@ -401,13 +440,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     arms = res["arms"]
 
     if "qdylora" in args.arms and "qdylora" not in arms:
-        model, secs, loss = train(args, ctx, args.r_max, dynamic=True, label="qdylora")
+        model, info = train(args, ctx, args.r_max, dynamic=True, label="qdylora")
         t0 = time.perf_counter()
         ranks = measure(model, args.ranks, ctx, "qdylora")
         if "base" not in res:
             res["base"] = measure(model, [None], ctx, "zero-shot")["base"]
-        arms["qdylora"] = {"train_seconds": secs, "train_loss": loss, "eval_seconds": time.perf_counter() - t0,
-                           "ranks": ranks}
+        arms["qdylora"] = {**info, "eval_seconds": time.perf_counter() - t0, "ranks": ranks}
         del model
         gc.collect()
         save()
@@ -419,11 +457,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             need_trunc = r == args.r_max and "truncated" in args.arms and "truncated" not in arms
             if str(r) in runs and not need_trunc:
                 continue
-            model, secs, loss = train(args, ctx, r, dynamic=False, label=f"qlora r{r}")
+            model, info = train(args, ctx, r, dynamic=False, label=f"qlora r{r}")
             if str(r) not in runs:
                 t0 = time.perf_counter()
-                runs[str(r)] = {"train_seconds": secs, "train_loss": loss,
-                                "ranks": measure(model, [r], ctx, f"qlora r{r}")}
+                runs[str(r)] = {**info, "ranks": measure(model, [r], ctx, f"qlora r{r}")}
                 runs[str(r)]["eval_seconds"] = time.perf_counter() - t0
             if need_trunc:
                 t0 = time.perf_counter()

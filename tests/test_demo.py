@@ -26,7 +26,10 @@ from qdylora.testing import make_tiny_model
 
 EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
-TINY = DemoSettings(steps=4, batch_size=4, n_train=16, n_eval=8, r_max=4, learning_rate=1e-2, max_new_tokens=8)
+THREADS_BEFORE = torch.get_num_threads()
+# the demo sets its own thread count (one different from the caller's, to see it restored)
+TINY = DemoSettings(steps=4, batch_size=4, n_train=16, n_eval=8, r_max=4, learning_rate=1e-2, max_new_tokens=8,
+                    threads=2 if THREADS_BEFORE == 1 else 1)
 
 
 # -- the dataset ---------------------------------------------------------------------------
@@ -109,6 +112,7 @@ def test_demo_writes_every_artifact(demo_run):
     text = "\n".join(lines) + summary(result)
     assert result.sweep.table() in text and f"recommended rank: {rec}" in text
     assert result.question in text and str(out) in text
+    assert torch.get_num_threads() == THREADS_BEFORE  # the demo gave the caller's thread count back
 
 
 def test_demo_export_and_answers_match_the_trained_adapter(demo_run):
@@ -152,6 +156,18 @@ def test_demo_cli_refuses_then_overwrites(demo_run, tmp_path):
     assert not (out / "mine.txt").exists()
     assert json.loads((out / "demo_summary.json").read_text())["settings"]["r_max"] == 2
     assert "recommended rank:" in res.output and "Written to" in res.output
+
+
+def test_cpu_threads(monkeypatch):
+    from qdylora.demo.run import cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for cores, want in ((1, 1), (2, 1), (4, 2), (16, 4)):
+        monkeypatch.setattr("os.cpu_count", lambda c=cores: c)
+        assert cpu_threads() == want
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu_threads() == 3
+    assert cpu_threads(2) == 2
 
 
 def test_demo_settings_are_checked():

@@ -45,6 +45,7 @@ class DemoSettings:
         tolerance: Recommend the smallest rank within this relative gap of the best loss.
         max_new_tokens: Length of the held-out answers.
         seed: Seed of the data, the LoRA init, the data order and the rank sequence.
+        threads: Torch threads on CPU; `None` = $OMP_NUM_THREADS, else half the cores (1..4).
     """
 
     steps: int = 50
@@ -59,6 +60,7 @@ class DemoSettings:
     tolerance: float = 0.01
     max_new_tokens: int = 40
     seed: int = 0
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "n_train", "n_eval", "r_max", "max_length", "max_new_tokens"):
@@ -108,8 +110,14 @@ def run_demo(
     settings = settings or DemoSettings()
     t0 = time.perf_counter()
     out = Path(out_dir).expanduser().absolute()
-    with staged_output(out, overwrite=overwrite) as tmp:
-        result = _run(tmp, out, settings, model_path, echo)
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        with staged_output(out, overwrite=overwrite) as tmp:
+            result = _run(tmp, out, settings, model_path, echo)
+    finally:
+        torch.set_num_threads(threads)  # the caller's setting, whatever the demo used
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -129,6 +137,19 @@ class _Clock:
         self._current = (name, now, cpu) if name else None
 
 
+def cpu_threads(requested: int | None = None) -> int:
+    """Torch threads for a CPU run: `requested`, else $OMP_NUM_THREADS when set, else half the cores (1..4).
+
+    Small LoRA steps gain little from many threads, and with one thread per core on a
+    busy 2-core machine they run several times slower than with a single thread.
+    """
+    if requested is not None:
+        return max(1, requested)
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    return max(1, min(4, (os.cpu_count() or 1) // 2))
+
+
 def _run(tmp: Path, out: Path, s: DemoSettings, model_path: Any, echo: Callable[[str], None]) -> DemoResult:
     import datasets
     import torch
@@ -145,7 +166,11 @@ def _run(tmp: Path, out: Path, s: DemoSettings, model_path: Any, echo: Callable[
     from .smollm2 import MODEL_DIRNAME, cache_dir, is_converted, smollm2_path
 
     clock = _Clock()
-    device = f"GPU ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    if torch.cuda.is_available():
+        device = f"GPU ({torch.cuda.get_device_name(0)})"
+    else:
+        torch.set_num_threads(cpu_threads(s.threads))
+        device = f"CPU ({torch.get_num_threads()} of {os.cpu_count()} cores)"
     clock.start("model")
     echo(f"[1/6] model: {'custom ' + str(model_path) if model_path else 'SmolLM2-135M-Instruct'} on {device}")
     if model_path is None:
