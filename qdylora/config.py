@@ -165,13 +165,21 @@ def read_config_file(directory: str | os.PathLike) -> dict[str, Any]:
             f"{directory} has no {CONFIG_NAME}: it was not trained with qdylora "
             "(a plain LoRA adapter has no meaningful lower ranks)"
         )
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path} is not valid JSON: {exc}") from exc
+    data = read_json_file(path, "qdylora config")
     if not isinstance(data, dict) or "config" not in data:
         raise InputError(f"{path} has no 'config' section; is it a qdylora file?")
     return data
+
+
+def read_json_file(path: str | os.PathLike, what: str, hint: str = "") -> Any:
+    """Parse a JSON file given by the user; a missing or malformed file is an `InputError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} {path} does not exist{hint}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{what} {path} is not valid JSON: {exc}") from exc
 
 
 def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:

@@ -21,7 +21,6 @@ Every check is a pure function of the configuration, so all processes raise the 
 from __future__ import annotations
 
 import difflib
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import read_json_file
 from .errors import InputError
 
 # DeepSpeed's documented top-level keys (https://www.deepspeed.ai/docs/config-json/). DeepSpeed
@@ -87,13 +87,7 @@ def load_deepspeed_config(config: str | os.PathLike | Mapping[str, Any]) -> dict
     if isinstance(config, Mapping):
         data = dict(config)
     else:
-        path = Path(config)
-        if not path.is_file():
-            raise InputError(f"DeepSpeed config {path} does not exist; give a JSON file such as examples/accelerate/ds_zero3.json")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise InputError(f"DeepSpeed config {path} is not valid JSON: {exc}") from exc
+        data = read_json_file(config, "DeepSpeed config", "; give a JSON file such as examples/accelerate/ds_zero3.json")
     check_deepspeed_config(data)
     return data
 
@@ -151,13 +145,7 @@ def check_fsdp_args(fsdp: Any, fsdp_config: Any) -> None:
         if bad:
             raise InputError(f"unknown fsdp option(s) {bad}; allowed: {sorted(allowed)}")
     if isinstance(fsdp_config, (str, os.PathLike)):
-        path = Path(fsdp_config)
-        if not path.is_file():
-            raise InputError(f"fsdp_config {path} does not exist")
-        try:
-            fsdp_config = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise InputError(f"fsdp_config {path} is not valid JSON: {exc}") from exc
+        fsdp_config = read_json_file(fsdp_config, "fsdp_config")
     version = (fsdp_config or {}).get("version", (fsdp_config or {}).get("fsdp_version", 2))
     if version not in FSDP_VERSIONS:
         raise InputError(f"unknown FSDP version {version!r}; use 1 or 2")
