@@ -19,8 +19,8 @@ on a few examples into paper_table_smoke.*. Partial results are saved after ever
 --resume skips arms already measured with the same settings and reloads the adapters
 already trained (kept under --work) instead of training them again.
 
-    OMP_NUM_THREADS=1 python benchmarks/paper_table.py              # about 50 min on 2 idle cores
-    OMP_NUM_THREADS=1 python benchmarks/paper_table.py --smoke      # about 2 min
+    OMP_NUM_THREADS=1 python benchmarks/paper_table.py              # about 66 min of CPU (one thread)
+    OMP_NUM_THREADS=1 python benchmarks/paper_table.py --smoke      # a few minutes
 """
 
 from __future__ import annotations
