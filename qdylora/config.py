@@ -21,6 +21,7 @@ DISTRIBUTIONS = ("uniform", "log_uniform")
 UPDATE_MODES = ("full", "frozen")
 SAMPLE_EVERY = ("optimizer_step", "micro_batch")
 TRUNCATIONS = ("slice", "mask")
+SCALINGS = ("linear", "sqrt")
 
 
 def default_eval_ranks(r_min: int, r_max: int) -> list[int]:
@@ -59,6 +60,13 @@ class QDyLoraConfig:
         truncation: How the adapter runs at rank b: `"slice"` uses A[:b] and B[:, :b]
             (cost follows b); `"mask"` zeroes the rank dimension past b (every parameter
             keeps its full shape in the graph; a fallback for sharding engines).
+        scaling: The LoRA scale at rank b. `"linear"`: alpha / b (the paper; PEFT's
+            default); `"sqrt"`: alpha / sqrt(b) (rsLoRA). `None` follows the LoRA config
+            (`use_rslora`). A rule that differs from the LoRA config switches the PEFT
+            config to match, so the saved adapter and every rank-b export carry it.
+        anchor_ranks: Ranks trained in EVERY step beside the drawn b (e.g. `[r_max]`),
+            each with its own forward and backward, losses averaged (SortedNet-style
+            "sandwich"). Costs one more forward/backward per anchor and step.
     """
 
     r_min: int = 1
@@ -70,12 +78,16 @@ class QDyLoraConfig:
     eval_ranks: list[int] | None = None
     seed: int | None = None
     truncation: str = "slice"
+    scaling: str | None = None
+    anchor_ranks: list[int] | None = None
 
     def __post_init__(self) -> None:
         _check_choice("distribution", self.distribution, DISTRIBUTIONS)
         _check_choice("update", self.update, UPDATE_MODES)
         _check_choice("sample_every", self.sample_every, SAMPLE_EVERY)
         _check_choice("truncation", self.truncation, TRUNCATIONS)
+        if self.scaling is not None:
+            _check_choice("scaling", self.scaling, SCALINGS)
         if not _is_int(self.r_min) or self.r_min < 1:
             raise InputError(f"r_min must be an integer >= 1, got {self.r_min!r}")
         if self.r_max is not None:
@@ -83,7 +95,7 @@ class QDyLoraConfig:
                 raise InputError(f"r_max must be an integer >= r_min ({self.r_min}), got {self.r_max!r}")
         if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
             raise InputError(f"seed must be a non-negative integer, got {self.seed!r}")
-        for name in ("ranks", "eval_ranks"):
+        for name in ("ranks", "eval_ranks", "anchor_ranks"):
             values = getattr(self, name)
             if values is None:
                 continue

@@ -7,7 +7,8 @@
       h = W0 x + s(b) * B[:, :b] A[:b, :] x,   s(b) = alpha / b  (alpha / sqrt(b) with rsLoRA)
 
   at the active rank b (slicing A and B, and setting PEFT's per-layer `scaling` to s(b)
-  for the scope). That is exactly what PEFT computes for an adapter stored with
+  for the scope). `set_scaling` switches between the two rules by switching PEFT's
+  `use_rslora`, so the rule is stored with the adapter. That is exactly what PEFT computes for an adapter stored with
   r = b and the same lora_alpha, which is why a rank-b export needs no qdylora code.
 - `rank_scope(model, b)` sets the active rank for the forward passes inside it. Outside
   any scope the adapter runs at its full rank r_max.
@@ -143,6 +144,25 @@ class DynamicRank:
         if found is None:
             found = cls(inner, truncation=truncation)
         return found
+
+    def set_scaling(self, rule: str | None) -> None:
+        """Train with scale alpha/b (`"linear"`) or alpha/sqrt(b) (`"sqrt"`); None: keep PEFT's.
+
+        The rule is stored where PEFT keeps it (the adapter's `use_rslora`, and each
+        layer's `scaling` at its own r), so the saved adapter, its rank-b exports and any
+        later `rank_scope` all use it without reading qdylora's config.
+        """
+        if rule is None or (rule == "sqrt") == self.use_rslora:
+            return
+        if self.state.rank is not None:
+            raise RuntimeError("set_scaling inside a rank scope")
+        self.use_rslora = rule == "sqrt"
+        self.model.peft_config[self.adapter_name].use_rslora = self.use_rslora
+        for i, (layer, r, _) in enumerate(self._layers):
+            alpha = layer.lora_alpha[self.adapter_name]
+            scaling = alpha / math.sqrt(r) if self.use_rslora else alpha / r
+            layer.scaling[self.adapter_name] = scaling
+            self._layers[i] = (layer, r, scaling)
 
     @property
     def rank(self) -> int:

@@ -69,9 +69,11 @@ def _cfg(**overrides):
 
 def test_valid_config_maps_to_qdylora_config():
     m = Merged.model_validate(_cfg(qdylora_r_min=2, qdylora_distribution="log_uniform", qdylora_eval_ranks=[16, 2, 8],
-                                   qdylora_export_ranks=[4, "recommended"], qdylora_update="frozen"))
+                                   qdylora_export_ranks=[4, "recommended"], qdylora_update="frozen",
+                                   qdylora_scaling="sqrt", qdylora_anchor_ranks=[16]))
     config = m.to_qdylora_config(m.lora_r)
     assert (config.r_min, config.r_max, config.distribution, config.update) == (2, 16, "log_uniform", "frozen")
+    assert (config.scaling, config.anchor_ranks) == ("sqrt", [16])
     assert config.eval_ranks == [2, 8, 16]
 
 
@@ -91,6 +93,8 @@ def test_valid_config_maps_to_qdylora_config():
         ({"qdylora_r_min": 32}, "r_max must be an integer >= r_min (32)"),
         ({"qdylora_ranks": [1, 99]}, "ranks [99] outside the trained range 1..16"),
         ({"qdylora_eval_ranks": [0]}, "eval_ranks [0] outside"),
+        ({"qdylora_scaling": "cube"}, "scaling='cube' is not allowed"),
+        ({"qdylora_anchor_ranks": [32]}, "anchor_ranks [32] outside the trained range 1..16"),
         ({"qdylora_export_ranks": [4, 17]}, "qdylora_export_ranks [17] outside the trained range 1..16"),
         ({"qdylora_export_ranks": ["recommended"], "val_set_size": 0.0}, "'recommended', which comes from the rank sweep"),
         ({"qdylora_export_ranks": ["recommended"], "qdylora_sweep": False}, "keep qdylora_sweep: true"),

@@ -27,7 +27,8 @@ RECOMMENDED = "recommended"
 class QDyLoraArgs(BaseModel):
     """QDyLoRA settings in an Axolotl config (`plugins: [qdylora.plugin.QDyLoraPlugin]`).
 
-    r_max is Axolotl's `lora_r`; the LoRA scale is `lora_alpha / b` at rank b.
+    r_max is Axolotl's `lora_r`; the LoRA scale is `lora_alpha / b` at rank b
+    (`lora_alpha / sqrt(b)` with `peft_use_rslora: true` or `qdylora_scaling: sqrt`).
     """
 
     qdylora_r_min: int = Field(default=1, description="Smallest rank drawn in training (>= 1).")
@@ -51,6 +52,16 @@ class QDyLoraArgs(BaseModel):
     )
     qdylora_truncation: str = Field(
         default="slice", description="slice: compute follows b; mask: full shapes, rank dimension masked (sharding engines)."
+    )
+    qdylora_scaling: str | None = Field(
+        default=None,
+        description="LoRA scale at rank b: linear (lora_alpha / b, the paper) or sqrt (lora_alpha / sqrt(b), rsLoRA); "
+        "default: follow peft_use_rslora.",
+    )
+    qdylora_anchor_ranks: list[int] | None = Field(
+        default=None,
+        description="Ranks also trained in every step beside the drawn one (e.g. [lora_r]); one more forward/backward "
+        "per anchor and step; not with DeepSpeed.",
     )
     qdylora_eval_ranks: list[int] | None = Field(
         default=None,
@@ -115,6 +126,8 @@ class QDyLoraArgs(BaseModel):
             eval_ranks=self.qdylora_eval_ranks,
             seed=self.qdylora_seed,
             truncation=self.qdylora_truncation,
+            scaling=self.qdylora_scaling,
+            anchor_ranks=self.qdylora_anchor_ranks,
         )
 
 

@@ -8,6 +8,7 @@ from transformers import Trainer
 
 from ..config import QDyLoraConfig
 from ..distributed import check_engine
+from ..errors import InputError
 from ..ranks import DynamicRank, RankSampler, check_lora_model
 from .sweep import SweepResult, run_sweep
 
@@ -39,6 +40,13 @@ class QDyLoraMixin:
         self.dynamic_rank = DynamicRank.of(self.model, truncation=config.truncation)
         self.dynamic_rank.state.truncation = config.truncation
         self.qdylora_config = config.resolve(self.dynamic_rank.r_max, self.args.seed)
+        self.dynamic_rank.set_scaling(config.scaling)
+        if config.anchor_ranks and getattr(self, "is_deepspeed_enabled", False):
+            raise InputError(
+                "anchor_ranks runs several backward passes per micro-batch, which DeepSpeed's engine "
+                "counts as separate micro-steps; use DDP or FSDP, or leave anchor_ranks unset"
+            )
+        self._loss_weight = 1.0
         self.rank_sampler = RankSampler.from_config(self.qdylora_config)
         self.rank_history: list[tuple[int, int]] = []  # (optimizer step, 1-based as in logs; rank)
         self.rank_sweep: SweepResult | None = None
@@ -61,10 +69,33 @@ class QDyLoraMixin:
         self._ranks_since_log.append(rank)
         return rank
 
+    def step_ranks(self, rank: int) -> list[int]:
+        """The ranks a micro-batch trains: the drawn one, then each anchor rank."""
+        return [rank] + [a for a in self.qdylora_config.anchor_ranks or [] if a != rank]
+
     def training_step(self, model, inputs, *args: Any, **kwargs: Any):
-        rank = self.next_rank()
-        with self.dynamic_rank.scope(rank, frozen=self.qdylora_config.update == "frozen"):
-            return super().training_step(model, inputs, *args, **kwargs)
+        ranks = self.step_ranks(self.next_rank())
+        frozen = self.qdylora_config.update == "frozen"
+        # one forward+backward per rank (gradient checkpointing recomputes inside the scope);
+        # each loss weighted 1/len(ranks), so the logged loss is their mean
+        self._loss_weight = 1.0 / len(ranks)
+        try:
+            total = None
+            for rank in ranks:
+                with self.dynamic_rank.scope(rank, frozen=frozen):
+                    loss = super().training_step(model, inputs, *args, **kwargs)
+                total = loss if total is None else total + loss
+            return total
+        finally:
+            self._loss_weight = 1.0
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, **kwargs: Any):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        if self._loss_weight == 1.0:
+            return out
+        if return_outputs:
+            return out[0] * self._loss_weight, out[1]
+        return out * self._loss_weight
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self._ranks_since_log:
