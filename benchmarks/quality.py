@@ -83,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="where trained adapters are kept")
     rep = sub.add_parser("report", help="write benchmarks/results/quality.md from the run files")
     rep.add_argument("--out", default=str(RESULTS / "quality.md"))
+    rep.add_argument("--chosen", default="", help="recipes (chosen on val) whose test numbers are shown")
+    rep.add_argument("--findings", default=str(RESULTS / "quality" / "findings.md"),
+                     help="hand-written conclusions inserted into the report (if the file exists)")
     sub.add_parser("list", help="print the variants")
     return p.parse_args(argv)
 
@@ -182,7 +185,7 @@ def main_run(args: argparse.Namespace) -> None:
 # -- report --------------------------------------------------------------------------------
 def load_runs() -> dict[str, dict[int, dict[str, Any]]]:
     runs: dict[str, dict[int, dict[str, Any]]] = {}
-    for f in sorted(RUNS.glob("*-s*.json")):
+    for f in sorted(RUNS.glob("*-s[0-9]*.json")):
         r = json.loads(f.read_text())
         runs.setdefault(r["variant"], {})[int(r["seed"])] = r
     return runs
@@ -198,7 +201,11 @@ def mean_loss(runs: dict[str, dict[int, dict[str, Any]]], name: str, split_name:
 def main_report(args: argparse.Namespace) -> None:
     from quality_report import write_report  # noqa: PLC0415
 
-    write_report(load_runs(), Path(args.out), VARIANTS, RUNS)
+    findings = Path(args.findings)
+    extra = findings.read_text().splitlines() + [""] if findings.is_file() else None
+    chosen = [c for c in args.chosen.split(",") if c]
+    write_report(load_runs(), Path(args.out), VARIANTS, RUNS, chosen=chosen, extra=extra)
+    print(Path(args.out).read_text())
 
 
 def main(argv: list[str] | None = None) -> None:
