@@ -64,7 +64,8 @@ class QDyLoraConfig:
             default); `"sqrt"`: alpha / sqrt(b) (rsLoRA). `None` follows the LoRA config
             (`use_rslora`). A rule that differs from the LoRA config switches the PEFT
             config to match, so the saved adapter and every rank-b export carry it.
-        anchor_ranks: Ranks trained in EVERY step beside the drawn b (e.g. `[r_max]`),
+        anchor_ranks: Ranks trained in EVERY step beside the drawn b (e.g. `["r_max"]`;
+            the string "r_max" stands for the adapter's r),
             each with its own forward and backward, losses averaged (SortedNet-style
             "sandwich"). Costs one more forward/backward per anchor and step.
     """
@@ -100,10 +101,15 @@ class QDyLoraConfig:
             if values is None:
                 continue
             values = list(values)
-            if not values or not all(_is_int(v) for v in values):
-                raise InputError(f"{name} must be a non-empty list of integers, got {values!r}")
-            setattr(self, name, sorted(set(values)))
-            self.check_ranks(getattr(self, name), what=name)
+            if name == "anchor_ranks" and self.r_max is not None:  # "r_max" stands for the adapter's r
+                values = [self.r_max if v == "r_max" else v for v in values]
+            symbolic = [v for v in values if name == "anchor_ranks" and v == "r_max"]
+            numbers = [v for v in values if v not in symbolic]
+            if not values or not all(_is_int(v) for v in numbers):
+                raise InputError(f"{name} must be a non-empty list of integers, got {values!r}"
+                                 + (' (or "r_max")' if name == "anchor_ranks" else ""))
+            self.check_ranks(numbers, what=name)
+            setattr(self, name, sorted(set(numbers)) + symbolic[:1])
 
     # -- rank range ---------------------------------------------------------------------
     def check_ranks(self, ranks: list[int], what: str = "rank") -> None:

@@ -27,6 +27,11 @@ def test_scaling_option_is_validated_and_serialised(tmp_path):
     assert QDyLoraConfig.from_pretrained(tmp_path) == c
     with pytest.raises(InputError, match=r"anchor_ranks \[16\] outside the trained range 1..8"):
         QDyLoraConfig(anchor_ranks=[16]).resolve(8, 0)
+    symbolic = QDyLoraConfig(anchor_ranks=["r_max", 2])
+    assert symbolic.anchor_ranks == [2, "r_max"]
+    assert symbolic.resolve(8, 0).anchor_ranks == [2, 8]
+    with pytest.raises(InputError, match='non-empty list of integers.*or "r_max"'):
+        QDyLoraConfig(anchor_ranks=["max"])
 
 
 def test_sqrt_scaling_sets_alpha_over_sqrt_b_and_is_stored_as_rslora(tiny_llama, datasets_, tmp_path):
@@ -67,7 +72,7 @@ def test_linear_scaling_on_an_rslora_adapter_switches_it_back(tiny_llama, datase
 # -- anchor ranks ----------------------------------------------------------------------------
 def test_anchor_ranks_train_the_drawn_rank_and_the_anchor_in_each_step(tiny_llama, datasets_, tmp_path):
     """One step with anchors [8] gives the gradient of mean(loss at b, loss at 8)."""
-    trainer = make_trainer(tiny_llama, datasets_, tmp_path, QDyLoraConfig(anchor_ranks=[8]), max_steps=1)
+    trainer = make_trainer(tiny_llama, datasets_, tmp_path, QDyLoraConfig(anchor_ranks=["r_max"]), max_steps=1)
     model = trainer.model
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     seen = []

@@ -58,9 +58,9 @@ class QDyLoraArgs(BaseModel):
         description="LoRA scale at rank b: linear (lora_alpha / b, the paper) or sqrt (lora_alpha / sqrt(b), rsLoRA); "
         "default: follow peft_use_rslora.",
     )
-    qdylora_anchor_ranks: list[int] | None = Field(
+    qdylora_anchor_ranks: list[int | Literal["r_max"]] | None = Field(
         default=None,
-        description="Ranks also trained in every step beside the drawn one (e.g. [lora_r]); one more forward/backward "
+        description="Ranks also trained in every step beside the drawn one (e.g. [r_max], r_max meaning lora_r); one more forward/backward "
         "per anchor and step; not with DeepSpeed.",
     )
     qdylora_eval_ranks: list[int] | None = Field(
