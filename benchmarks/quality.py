@@ -56,6 +56,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "qlora-r4": ("dedicated QLoRA, r 4", {"qlora": 4}),
     "qlora-r16": ("dedicated QLoRA, r 16", {"qlora": 16}),
     "qlora-r64": ("dedicated QLoRA, r 64 (also measured truncated to b, scale alpha/b)", {"qlora": 64}),
+    "qlora-r64-sqrt": ("dedicated QLoRA, r 64, rsLoRA scale alpha/sqrt(r) (truncated: alpha/sqrt(b))",
+                       {"qlora": 64, "rslora": True}),
     "paper": ("QDyLoRA, the paper's recipe: uniform b in 1..64, full update, scale alpha/b", {}),
     "scale-sqrt": ("scaling alpha/sqrt(b)", {"qdylora": {"scaling": "sqrt"}}),
     "log-uniform": ("b log-uniform in 1..64", {"qdylora": {"distribution": "log_uniform"}}),
@@ -64,6 +66,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "lr-2.5e-4": ("LR 2.5e-4", {"lr": 2.5e-4}),
     "lr-1e-3": ("LR 1e-3", {"lr": 1e-3}),
     "anchor-max": ("also train r_max in every step (two ranks per step)", {"qdylora": {"anchor_ranks": [64]}}),
+    "loss-weight": ("loss at rank b weighted b/r_max (cancels the scale in the gradients)",
+                    {"qdylora": {"loss_weight": "inverse_scale"}}),
     "paper-2x": ("paper recipe, 200 steps", {"steps": 200}),
     "qlora-r4-2x": ("dedicated QLoRA, r 4, 200 steps", {"qlora": 4, "steps": 200}),
     "qlora-r64-2x": ("dedicated QLoRA, r 64, 200 steps", {"qlora": 64, "steps": 200}),
@@ -114,7 +118,7 @@ def run_one(name: str, seed: int, args: argparse.Namespace, ctx: dict[str, Any])
     model = load_model(ctx["model"])
     torch.manual_seed(seed)
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=16, lora_dropout=0.0,
-                                             target_modules="all-linear"))
+                                             target_modules="all-linear", use_rslora=spec.get("rslora", False)))
     with tempfile.TemporaryDirectory() as scratch:
         targs = TrainingArguments(
             output_dir=scratch, max_steps=steps, per_device_train_batch_size=4, learning_rate=lr,

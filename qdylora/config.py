@@ -22,6 +22,7 @@ UPDATE_MODES = ("full", "frozen")
 SAMPLE_EVERY = ("optimizer_step", "micro_batch")
 TRUNCATIONS = ("slice", "mask")
 SCALINGS = ("linear", "sqrt")
+LOSS_WEIGHTS = ("equal", "inverse_scale")
 
 
 def default_eval_ranks(r_min: int, r_max: int) -> list[int]:
@@ -68,6 +69,12 @@ class QDyLoraConfig:
             the string "r_max" stands for the adapter's r),
             each with its own forward and backward, losses averaged (SortedNet-style
             "sandwich"). Costs one more forward/backward per anchor and step.
+        loss_weight: `"equal"` (the paper) weights every step's loss alike;
+            `"inverse_scale"` weights the loss at rank b by s(r_max) / s(b) (b / r_max
+            with alpha/b scaling). That cancels the rank scale in the LoRA gradients, so
+            the optimizer's moment estimates, shared by all ranks, see gradients of one
+            size whatever b is drawn (otherwise the rare small-b steps, scaled up to
+            r_max/b times, dominate Adam's second moment of the first rows).
     """
 
     r_min: int = 1
@@ -80,7 +87,8 @@ class QDyLoraConfig:
     seed: int | None = None
     truncation: str = "slice"
     scaling: str | None = None
-    anchor_ranks: list[int] | None = None
+    anchor_ranks: list[int | str] | None = None
+    loss_weight: str = "equal"
 
     def __post_init__(self) -> None:
         _check_choice("distribution", self.distribution, DISTRIBUTIONS)
@@ -89,6 +97,7 @@ class QDyLoraConfig:
         _check_choice("truncation", self.truncation, TRUNCATIONS)
         if self.scaling is not None:
             _check_choice("scaling", self.scaling, SCALINGS)
+        _check_choice("loss_weight", self.loss_weight, LOSS_WEIGHTS)
         if not _is_int(self.r_min) or self.r_min < 1:
             raise InputError(f"r_min must be an integer >= 1, got {self.r_min!r}")
         if self.r_max is not None:

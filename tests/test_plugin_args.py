@@ -70,10 +70,11 @@ def _cfg(**overrides):
 def test_valid_config_maps_to_qdylora_config():
     m = Merged.model_validate(_cfg(qdylora_r_min=2, qdylora_distribution="log_uniform", qdylora_eval_ranks=[16, 2, 8],
                                    qdylora_export_ranks=[4, "recommended"], qdylora_update="frozen",
-                                   qdylora_scaling="sqrt", qdylora_anchor_ranks=[16]))
+                                   qdylora_scaling="sqrt", qdylora_anchor_ranks=[16],
+                                   qdylora_loss_weight="inverse_scale"))
     config = m.to_qdylora_config(m.lora_r)
     assert (config.r_min, config.r_max, config.distribution, config.update) == (2, 16, "log_uniform", "frozen")
-    assert (config.scaling, config.anchor_ranks) == ("sqrt", [16])
+    assert (config.scaling, config.anchor_ranks, config.loss_weight) == ("sqrt", [16], "inverse_scale")
     assert config.eval_ranks == [2, 8, 16]
 
 

@@ -112,3 +112,23 @@ def test_anchor_ranks_train_the_drawn_rank_and_the_anchor_in_each_step(tiny_llam
 def test_anchor_equal_to_the_drawn_rank_trains_it_once(tiny_llama, datasets_, tmp_path):
     trainer = make_trainer(tiny_llama, datasets_, tmp_path, QDyLoraConfig(anchor_ranks=[3], ranks=[3]), max_steps=2)
     assert trainer.step_ranks(3) == [3] and trainer.step_ranks(8) == [8, 3]
+
+
+# -- loss weight -----------------------------------------------------------------------------
+def test_inverse_scale_loss_weight_scales_the_gradient_not_the_logged_loss(tiny_llama, datasets_, tmp_path):
+    grads, logged = {}, {}
+    for mode in ("equal", "inverse_scale"):
+        trainer = make_trainer(tiny_llama, datasets_, tmp_path / mode, QDyLoraConfig(loss_weight=mode, ranks=[2]),
+                               max_steps=1)
+        model = trainer.model.train()
+        trainer.model_wrapped = model
+        trainer.current_gradient_accumulation_steps = 1
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        logged[mode] = float(trainer.training_step(model, dict(batch)))
+        grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert logged["inverse_scale"] == pytest.approx(logged["equal"], rel=1e-6)
+    assert grads["equal"] and grads["equal"].keys() == grads["inverse_scale"].keys()
+    for n, g in grads["equal"].items():  # alpha/b scaling, r_max 8, b 2: weight 2/8
+        torch.testing.assert_close(grads["inverse_scale"][n], g * 0.25, rtol=1e-4, atol=1e-8)
+    with pytest.raises(InputError, match="loss_weight='big' is not allowed"):
+        QDyLoraConfig(loss_weight="big")

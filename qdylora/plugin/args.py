@@ -63,6 +63,11 @@ class QDyLoraArgs(BaseModel):
         description="Ranks also trained in every step beside the drawn one (e.g. [r_max], r_max meaning lora_r); one more forward/backward "
         "per anchor and step; not with DeepSpeed.",
     )
+    qdylora_loss_weight: str = Field(
+        default="equal",
+        description="equal (the paper) or inverse_scale: the loss at rank b weighted s(r_max)/s(b), so the optimizer "
+        "sees gradients of one size at every rank.",
+    )
     qdylora_eval_ranks: list[int] | None = Field(
         default=None,
         description="Ranks measured by the rank sweep after training (needs an eval set); default: r_min, powers of two, lora_r.",
@@ -128,6 +133,7 @@ class QDyLoraArgs(BaseModel):
             truncation=self.qdylora_truncation,
             scaling=self.qdylora_scaling,
             anchor_ranks=self.qdylora_anchor_ranks,
+            loss_weight=self.qdylora_loss_weight,
         )
 
 

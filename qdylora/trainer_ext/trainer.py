@@ -9,7 +9,7 @@ from transformers import Trainer
 from ..config import QDyLoraConfig
 from ..distributed import check_engine
 from ..errors import InputError
-from ..ranks import DynamicRank, RankSampler, check_lora_model
+from ..ranks import DynamicRank, RankSampler, check_lora_model, rank_scale
 from .sweep import SweepResult, run_sweep
 
 
@@ -77,17 +77,26 @@ class QDyLoraMixin:
         ranks = self.step_ranks(self.next_rank())
         frozen = self.qdylora_config.update == "frozen"
         # one forward+backward per rank (gradient checkpointing recomputes inside the scope);
-        # each loss weighted 1/len(ranks), so the logged loss is their mean
-        self._loss_weight = 1.0 / len(ranks)
+        # each loss weighted 1/len(ranks) (times the rank's loss weight), and the logged
+        # loss is the plain mean
         try:
             total = None
             for rank in ranks:
+                weight = self.rank_loss_weight(rank)
+                self._loss_weight = weight / len(ranks)
                 with self.dynamic_rank.scope(rank, frozen=frozen):
-                    loss = super().training_step(model, inputs, *args, **kwargs)
+                    loss = super().training_step(model, inputs, *args, **kwargs) / weight
                 total = loss if total is None else total + loss
             return total
         finally:
             self._loss_weight = 1.0
+
+    def rank_loss_weight(self, rank: int) -> float:
+        """The weight of a rank-`rank` loss (`QDyLoraConfig.loss_weight`)."""
+        if self.qdylora_config.loss_weight == "equal":
+            return 1.0
+        dr = self.dynamic_rank
+        return 1.0 / rank_scale(rank, dr.r_max, dr.use_rslora)  # s(r_max) / s(b)
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, **kwargs: Any):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
