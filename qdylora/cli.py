@@ -146,7 +146,8 @@ def info(adapter_dir: str, as_json: bool) -> None:
     click.echo(f"ranks:         {cfg['r_min']}..{cfg['r_max']}" + (f" (only {cfg['ranks']})" if cfg.get("ranks") else ""))
     click.echo(f"lora_alpha:    {peft_cfg.get('lora_alpha')}  rsLoRA: {bool(peft_cfg.get('use_rslora'))}")
     click.echo(f"targets:       {peft_cfg.get('target_modules')}")
-    for key in ("distribution", "update", "sample_every", "seed", "eval_ranks", "truncation"):
+    for key in ("distribution", "update", "sample_every", "seed", "eval_ranks", "truncation", "scaling",
+                "anchor_ranks", "loss_weight"):
         click.echo(f"{key + ':':<15}{cfg.get(key)}")
     if data.get("sweep"):
         result = SweepResult.from_dict(data["sweep"])
