@@ -25,6 +25,13 @@ SCALINGS = ("linear", "sqrt")
 LOSS_WEIGHTS = ("equal", "inverse_scale")
 
 
+# Named recipes for QDyLoraConfig.preset(); each non-paper entry won against the paper's
+# recipe on validation AND test in benchmarks/results/quality.md.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+}
+
+
 def default_eval_ranks(r_min: int, r_max: int) -> list[int]:
     """A spread for the sweep: r_min, the powers of two in between, and r_max."""
     ranks = {r_min, r_max}
@@ -157,17 +164,32 @@ class QDyLoraConfig:
             raise InputError("r_max is not known yet: resolve the config against the LoRA adapter first")
         return default_eval_ranks(self.r_min, self.r_max)
 
+    # -- presets ------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> QDyLoraConfig:
+        """A named recipe (see `PRESETS`), with `overrides` on top.
+
+        `"paper"` is the QDyLoRA paper's recipe (the defaults). The others were measured
+        against it in benchmarks/results/quality.md.
+        """
+        if name not in PRESETS:
+            raise InputError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
     # -- disk ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QDyLoraConfig:
+        """The config a dict describes; a `"preset"` key starts from that named recipe."""
         known = {f.name for f in dataclasses.fields(cls)}
+        data = dict(data)
+        name = data.pop("preset", None)
         unknown = sorted(set(data) - known)
         if unknown:
-            raise InputError(f"unknown QDyLoRA setting(s) {unknown}; allowed: {sorted(known)}")
-        return cls(**data)
+            raise InputError(f"unknown QDyLoRA setting(s) {unknown}; allowed: {sorted(known | {'preset'})}")
+        return cls.preset(name, **data) if name is not None else cls(**data)
 
     def save_pretrained(self, directory: str | os.PathLike, **extra: Any) -> Path:
         """Write qdylora_config.json (this config, the package version and `extra`, e.g. the sweep)."""

@@ -13,6 +13,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 
+from qdylora import QDyLoraConfig
+
 pytest.importorskip("pydantic")
 
 from pydantic import BaseModel, ValidationError  # noqa: E402
@@ -78,6 +80,11 @@ def test_valid_config_maps_to_qdylora_config():
     assert config.eval_ranks == [2, 8, 16]
 
 
+def test_preset_values_stand_unless_a_key_is_set():
+    m = Merged.model_validate(_cfg(qdylora_preset="paper", qdylora_r_min=2))
+    assert m.to_qdylora_config(m.lora_r) == QDyLoraConfig.preset("paper", r_min=2, r_max=16)
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -95,6 +102,7 @@ def test_valid_config_maps_to_qdylora_config():
         ({"qdylora_ranks": [1, 99]}, "ranks [99] outside the trained range 1..16"),
         ({"qdylora_eval_ranks": [0]}, "eval_ranks [0] outside"),
         ({"qdylora_scaling": "cube"}, "scaling='cube' is not allowed"),
+        ({"qdylora_preset": "best"}, "unknown preset 'best'"),
         ({"qdylora_anchor_ranks": [32]}, "anchor_ranks [32] outside the trained range 1..16"),
         ({"qdylora_export_ranks": [4, 17]}, "qdylora_export_ranks [17] outside the trained range 1..16"),
         ({"qdylora_export_ranks": ["recommended"], "val_set_size": 0.0}, "'recommended', which comes from the rank sweep"),

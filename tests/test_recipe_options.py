@@ -132,3 +132,18 @@ def test_inverse_scale_loss_weight_scales_the_gradient_not_the_logged_loss(tiny_
         torch.testing.assert_close(grads["inverse_scale"][n], g * 0.25, rtol=1e-4, atol=1e-8)
     with pytest.raises(InputError, match="loss_weight='big' is not allowed"):
         QDyLoraConfig(loss_weight="big")
+
+
+# -- presets ---------------------------------------------------------------------------------
+def test_presets_are_named_recipes_with_overrides():
+    from qdylora.config import PRESETS
+
+    assert QDyLoraConfig.preset("paper") == QDyLoraConfig()
+    for name, fields in PRESETS.items():
+        config = QDyLoraConfig.preset(name, r_min=2)
+        assert config.r_min == 2 and all(getattr(config, k) == v for k, v in fields.items())
+    assert QDyLoraConfig.from_dict({"preset": "paper", "seed": 3}) == QDyLoraConfig(seed=3)
+    with pytest.raises(InputError, match="unknown preset 'best'; choose one of paper"):
+        QDyLoraConfig.preset("best")
+    with pytest.raises(InputError, match="unknown QDyLoRA setting"):
+        QDyLoraConfig.from_dict({"presett": "paper"})

@@ -31,6 +31,10 @@ class QDyLoraArgs(BaseModel):
     (`lora_alpha / sqrt(b)` with `peft_use_rslora: true` or `qdylora_scaling: sqrt`).
     """
 
+    qdylora_preset: str | None = Field(
+        default=None,
+        description="Start from a named recipe (QDyLoraConfig.preset: paper, ...); qdylora_* keys set here override it.",
+    )
     qdylora_r_min: int = Field(default=1, description="Smallest rank drawn in training (>= 1).")
     qdylora_distribution: str = Field(
         default="uniform",
@@ -120,21 +124,27 @@ class QDyLoraArgs(BaseModel):
         return self
 
     def to_qdylora_config(self, lora_r: int | None = None) -> QDyLoraConfig:
-        """The `QDyLoraConfig` these keys describe (r_max = Axolotl's lora_r)."""
-        return QDyLoraConfig(
-            r_min=self.qdylora_r_min,
-            r_max=lora_r,
-            distribution=self.qdylora_distribution,
-            ranks=self.qdylora_ranks,
-            update=self.qdylora_update,
-            sample_every=self.qdylora_sample_every,
-            eval_ranks=self.qdylora_eval_ranks,
-            seed=self.qdylora_seed,
-            truncation=self.qdylora_truncation,
-            scaling=self.qdylora_scaling,
-            anchor_ranks=self.qdylora_anchor_ranks,
-            loss_weight=self.qdylora_loss_weight,
-        )
+        """The `QDyLoraConfig` these keys describe (r_max = Axolotl's lora_r).
+
+        With `qdylora_preset`, the preset's values stand unless a key is set explicitly.
+        """
+        fields = {
+            "r_min": self.qdylora_r_min,
+            "distribution": self.qdylora_distribution,
+            "ranks": self.qdylora_ranks,
+            "update": self.qdylora_update,
+            "sample_every": self.qdylora_sample_every,
+            "eval_ranks": self.qdylora_eval_ranks,
+            "seed": self.qdylora_seed,
+            "truncation": self.qdylora_truncation,
+            "scaling": self.qdylora_scaling,
+            "anchor_ranks": self.qdylora_anchor_ranks,
+            "loss_weight": self.qdylora_loss_weight,
+        }
+        if self.qdylora_preset is None:
+            return QDyLoraConfig(r_max=lora_r, **fields)
+        explicit = {k: v for k, v in fields.items() if f"qdylora_{k}" in self.model_fields_set}
+        return QDyLoraConfig.preset(self.qdylora_preset, r_max=lora_r, **explicit)
 
 
 def listed(plugins: Any) -> bool:
