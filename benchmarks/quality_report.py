@@ -19,8 +19,13 @@ EXPERIMENTS = [
     ("Rank distribution", ["paper", "log-uniform", "discrete"], "how b is drawn"),
     ("Full vs frozen update", ["paper", "frozen"], "which rows learn in a step"),
     ("Learning rate", ["lr-2.5e-4", "paper", "lr-1e-3"], "the learning rate (paper: 5e-4)"),
-    ("Own idea: anchor ranks (two ranks per step)", ["paper", "anchor-max"],
+    ("Own idea 1: anchor ranks (two ranks per step)", ["paper", "anchor-max"],
      "also train r_max = 64 in every step, beside the drawn b (SortedNet-style); twice the forward/backward work"),
+    ("Own idea 2: per-rank loss weight", ["paper", "loss-weight"],
+     "the loss at rank b weighted s(r_max)/s(b) = b/64, which cancels the rank scale in the LoRA gradients, so "
+     "Adam's moments (shared by all ranks) see gradients of one size whatever b is drawn"),
+    ("Combined", ["paper", "scale-sqrt", "loss-weight", "sqrt-lw", "sqrt-lw-anchor"],
+     "the single changes that helped on val, together"),
     ("Budget", ["paper", "paper-2x"], "100 vs 200 steps (the dedicated runs at 200 steps are below)"),
 ]
 
@@ -64,20 +69,35 @@ def command(runs: Runs, names: list[str]) -> str:
 
 def variant_table(runs: Runs, names: list[str], variants: dict[str, Any], split: str, steps: int = 100) -> list[str]:
     head = ["| recipe | seeds | " + " | ".join(f"r{b}" for b in RANKS) + " | gap to dedicated at "
-            + ", ".join(f"r{b}" for b in RANKS) + " | train CPU min |",
-            "|---|---|" + "---|" * len(RANKS) + "---|---|"]
+            + ", ".join(f"r{b}" for b in RANKS) + " | vs paper, same seeds | train CPU min |",
+            "|---|---|" + "---|" * len(RANKS) + "---|---|---|"]
     rows = []
     for n in names:
         if n not in runs:
-            rows.append(f"| {n}: {variants[n][0]} | not run |" + " |" * (len(RANKS) + 2))
+            rows.append(f"| {n}: {variants[n][0]} | not run |" + " |" * (len(RANKS) + 3))
             continue
         cells = [cell(losses(runs, n, split, b)) for b in RANKS]
         gaps = [gap_cell(losses(runs, n, split, b), dedicated(runs, split, b, runs[n][min(runs[n])]["steps"]))
                 for b in RANKS]
         cpu = mean([r["train_cpu_seconds"] / 60 for r in runs[n].values()])
         rows.append(f"| {n}: {variants[n][0]} | {','.join(map(str, seeds_of(runs, n)))} | " + " | ".join(cells)
-                    + f" | {' / '.join(g or '-' for g in gaps)} | {cpu:.1f} |")
+                    + f" | {' / '.join(g or '-' for g in gaps)} | {vs_paper(runs, n, split)} | {cpu:.1f} |")
     return head + rows
+
+
+def vs_paper(runs: Runs, name: str, split: str) -> str:
+    """Mean relative change against the paper recipe at each rank, over the seeds both have."""
+    if name == "paper" or "paper" not in runs or name not in runs:
+        return ""
+    seeds = sorted(set(runs[name]) & set(runs["paper"]))
+    if not seeds:
+        return ""
+    out = []
+    for b in RANKS:
+        d = [(runs[name][s][split][str(b)] - runs["paper"][s][split][str(b)]) / runs["paper"][s][split][str(b)] * 100
+             for s in seeds if str(b) in runs[name][s][split]]
+        out.append(f"{mean(d):+.1f}%" if d else "-")
+    return " / ".join(out) + f" (s{','.join(map(str, seeds))})"
 
 
 def reference_table(runs: Runs, split: str) -> list[str]:
