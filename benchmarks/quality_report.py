@@ -24,7 +24,7 @@ EXPERIMENTS = [
     ("Own idea 2: per-rank loss weight", ["paper", "loss-weight"],
      "the loss at rank b weighted s(r_max)/s(b) = b/64, which cancels the rank scale in the LoRA gradients, so "
      "Adam's moments (shared by all ranks) see gradients of one size whatever b is drawn"),
-    ("Combined", ["paper", "scale-sqrt", "loss-weight", "sqrt-lw", "sqrt-lw-anchor"],
+    ("Combined", ["paper", "scale-sqrt", "loss-weight", "sqrt-lw", "lw-anchor"],
      "the single changes that helped on val, together"),
     ("Budget", ["paper", "paper-2x"], "100 vs 200 steps (the dedicated runs at 200 steps are below)"),
 ]
