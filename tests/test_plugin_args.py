@@ -81,8 +81,12 @@ def test_valid_config_maps_to_qdylora_config():
 
 
 def test_preset_values_stand_unless_a_key_is_set():
-    m = Merged.model_validate(_cfg(qdylora_preset="paper", qdylora_r_min=2))
-    assert m.to_qdylora_config(m.lora_r) == QDyLoraConfig.preset("paper", r_min=2, r_max=16)
+    m = Merged.model_validate(_cfg(qdylora_preset="balanced", qdylora_r_min=2))
+    config = m.to_qdylora_config(m.lora_r)
+    assert config == QDyLoraConfig.preset("balanced", r_min=2, r_max=16)
+    assert (config.scaling, config.loss_weight) == ("sqrt", "inverse_scale")
+    m = Merged.model_validate(_cfg(qdylora_preset="balanced", qdylora_scaling="linear"))
+    assert m.to_qdylora_config(m.lora_r).scaling == "linear"
 
 
 @pytest.mark.parametrize(

@@ -143,7 +143,8 @@ def test_presets_are_named_recipes_with_overrides():
         config = QDyLoraConfig.preset(name, r_min=2)
         assert config.r_min == 2 and all(getattr(config, k) == v for k, v in fields.items())
     assert QDyLoraConfig.from_dict({"preset": "paper", "seed": 3}) == QDyLoraConfig(seed=3)
-    with pytest.raises(InputError, match="unknown preset 'best'; choose one of paper"):
+    assert QDyLoraConfig.preset("balanced").scaling == "sqrt"
+    with pytest.raises(InputError, match="unknown preset 'best'; choose one of paper, balanced"):
         QDyLoraConfig.preset("best")
     with pytest.raises(InputError, match="unknown QDyLoRA setting"):
         QDyLoraConfig.from_dict({"presett": "paper"})
