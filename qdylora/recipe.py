@@ -5,7 +5,7 @@
     data: {path: train.jsonl, prompt_field: question, answer_field: answer, max_length: 512}
     eval_data: {path: val.jsonl}      # or eval_size: 0.05 to hold out part of `data`
     lora: {r: 64, lora_alpha: 16, target_modules: all-linear, lora_dropout: 0.05}
-    qdylora: {r_min: 1, distribution: uniform}
+    qdylora: {r_min: 1, distribution: uniform}  # or {preset: balanced, ...}: QDyLoraConfig.preset
     training: {output_dir: out, max_steps: 1000, learning_rate: 2e-4, ...}  # TrainingArguments
     global_batch_size: 16             # optional: gradient_accumulation_steps = 16 / (processes x per-device batch)
     sweep: {ranks: null, refine: false, tolerance: 0.01}                     # after training

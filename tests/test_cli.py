@@ -109,3 +109,17 @@ def test_train_logs_sample_answers_per_rank(tiny_llama, arithmetic_data, tmp_pat
     _fails_with(["train", str(cfg2)], "unknown samples key(s) ['prompt']")
     cfg3 = _yaml(tmp_path, tiny_llama, arithmetic_data, tmp_path / "o3", samples={"prompts": ["x"], "ranks": [9]})
     _fails_with(["train", str(cfg3)], "outside")
+
+
+def test_yaml_preset_and_bad_preset(tiny_llama, arithmetic_data, tmp_path):
+    from qdylora.recipe import Recipe
+
+    cfg = _yaml(tmp_path, tiny_llama, arithmetic_data, tmp_path / "o")
+    raw = yaml.safe_load(cfg.read_text())
+    raw["qdylora"] = {"preset": "balanced", "r_min": 2}
+    cfg.write_text(yaml.safe_dump(raw))
+    recipe = Recipe.from_yaml(cfg)
+    assert (recipe.qdylora.scaling, recipe.qdylora.loss_weight, recipe.qdylora.r_min) == ("sqrt", "inverse_scale", 2)
+    raw["qdylora"] = {"preset": "fast"}
+    cfg.write_text(yaml.safe_dump(raw))
+    _fails_with(["train", str(cfg)], "unknown preset 'fast'")
