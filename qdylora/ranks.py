@@ -159,8 +159,7 @@ class DynamicRank:
         self.use_rslora = rule == "sqrt"
         self.model.peft_config[self.adapter_name].use_rslora = self.use_rslora
         for i, (layer, r, _) in enumerate(self._layers):
-            alpha = layer.lora_alpha[self.adapter_name]
-            scaling = alpha / math.sqrt(r) if self.use_rslora else alpha / r
+            scaling = lora_scale(layer.lora_alpha[self.adapter_name], r, self.use_rslora)
             layer.scaling[self.adapter_name] = scaling
             self._layers[i] = (layer, r, scaling)
 
@@ -201,6 +200,11 @@ def rank_scope(model: nn.Module, rank: int | None) -> contextlib.AbstractContext
     Works on any PEFT LoRA model (trained by qdylora or loaded with PeftModel.from_pretrained).
     """
     return DynamicRank.of(model).scope(rank)
+
+
+def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
+    """PEFT's scaling of a LoRA layer stored with rank r: alpha / r (rsLoRA: alpha / sqrt(r))."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 def rank_scale(b: int, r: int, use_rslora: bool) -> float:

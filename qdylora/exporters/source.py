@@ -14,7 +14,6 @@ computes, and what PEFT computes for an adapter stored with r = b_m and the same
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ import torch
 
 from ..config import CONFIG_NAME, QDyLoraConfig, read_config_file
 from ..errors import InputError
+from ..ranks import lora_scale
 from ..loading import read_adapter_config
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -81,9 +81,6 @@ class RankPair:
     scale: float
 
 
-def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
-    """PEFT's scaling of a LoRA layer stored with rank r: alpha / r (rsLoRA: alpha / sqrt(r))."""
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 class SourceAdapter:
