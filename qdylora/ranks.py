@@ -238,3 +238,30 @@ def _forward_b(module: nn.Linear, r: int, state: _State, h: torch.Tensor) -> tor
     if b is None or (b >= r and not state.frozen):
         return F.linear(h, module.weight, module.bias)
     return F.linear(h, _rank_weight(module.weight, min(b, r), state, 1), module.bias)
+
+
+def svd_truncate(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, rank: int, out_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-`rank` LoRA pair for the delta `scale * lora_b @ lora_a` (Eckart-Young).
+
+    Returns (A', B') with A' of shape (rank, in) and B' of shape (out, rank) such that
+    `out_scale * B' @ A'` is the exact top-`rank` SVD of the delta: pass PEFT's scaling of
+    the adapter you will write (`lora_scale(alpha, rank, use_rslora)`) as `out_scale`, so the
+    scale is folded in the way PEFT applies it. Works from the factors alone (no base
+    weights, so also for LoRA layers on 4-bit bases, where PEFT's `convert_to_lora` refuses):
+    two thin QRs and an r x r SVD instead of an SVD of the out x in delta. The singular
+    values are split evenly between A' and B' (sqrt on each side), as PEFT's own conversion does.
+    """
+    r = lora_a.shape[0]
+    if not 1 <= rank <= r:
+        raise InputError(f"SVD rank {rank} outside 1..{r}")
+    a = lora_a.detach().double()
+    b = lora_b.detach().double()
+    q_b, r_b = torch.linalg.qr(b)  # (out, r), (r, r)
+    q_a, r_a = torch.linalg.qr(a.T)  # (in, r), (r, r)
+    u, s, vh = torch.linalg.svd(scale * (r_b @ r_a.T))
+    root = (s[:rank] / out_scale).sqrt()
+    new_b = (q_b @ u[:, :rank]) * root
+    new_a = root[:, None] * (vh[:rank] @ q_a.T)
+    return new_a.to(lora_a.dtype).contiguous(), new_b.to(lora_b.dtype).contiguous()
