@@ -186,6 +186,56 @@ class DynamicRank:
             for (layer, _, _), scaling in zip(self._layers, saved_scaling):
                 layer.scaling[self.adapter_name] = scaling
 
+    @contextlib.contextmanager
+    def svd_scope(self, rank: int) -> Iterator[None]:
+        """Run at rank `rank` with every layer's delta replaced by its exact top-b SVD.
+
+        Inside, each LoRA layer's lora_A / lora_B hold (zero-padded to the layer's r) the
+        factors `svd_truncate` gives for its r-rank delta at b = min(rank, r), and the
+        layer runs at rank b with PEFT's scale at b, so it computes the best rank-b
+        approximation of its delta: what `qdylora export adapter --method svd` writes. A
+        lora_B bias keeps its full-rank contribution. The factors are restored on exit.
+        """
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= self.r_max:
+            raise InputError(f"rank {rank!r} outside the adapter's range 1..{self.r_max}")
+        if self.state.rank is not None:
+            raise RuntimeError("svd_scope inside a rank scope")
+        name = self.adapter_name
+        plan = []
+        for layer, r, full in self._layers:
+            a_mod, b_mod = layer.lora_A[name], layer.lora_B[name]
+            if a_mod.weight.dim() != 2 or a_mod.weight.shape[0] != r or b_mod.weight.shape[-1] != r:
+                raise InputError(
+                    "SVD truncation needs each layer's whole lora_A / lora_B on this process; they are "
+                    f"partitioned here ({tuple(a_mod.weight.shape)}), e.g. by ZeRO-3: gather them or use prefix"
+                )
+            b = min(rank, r)
+            out_scale = full * rank_scale(b, r, self.use_rslora)
+            new_a, new_b = svd_truncate(a_mod.weight, b_mod.weight, full, b, out_scale)
+            plan.append((a_mod, b_mod, b, new_a, new_b, full / out_scale))
+        saved = []
+        with torch.no_grad():
+            for a_mod, b_mod, b, new_a, new_b, bias_fold in plan:
+                bias = b_mod.bias
+                saved.append((a_mod.weight.detach().clone(), b_mod.weight.detach().clone(),
+                              None if bias is None else bias.detach().clone()))
+                a_mod.weight.zero_()
+                a_mod.weight[:b] = new_a
+                b_mod.weight.zero_()
+                b_mod.weight[:, :b] = new_b
+                if bias is not None:
+                    bias.mul_(bias_fold)
+        try:
+            with self.scope(rank):
+                yield
+        finally:
+            with torch.no_grad():
+                for (a_mod, b_mod, *_), (a_w, b_w, bias) in zip(plan, saved):
+                    a_mod.weight.copy_(a_w)
+                    b_mod.weight.copy_(b_w)
+                    if bias is not None:
+                        b_mod.bias.copy_(bias)
+
     def remove(self) -> None:
         """Restore PEFT's own forward on every wrapped module."""
         for m in self._wrapped:
@@ -194,12 +244,29 @@ class DynamicRank:
         self.model.__dict__.pop(_ATTR, None)
 
 
-def rank_scope(model: nn.Module, rank: int | None) -> contextlib.AbstractContextManager[None]:
+METHODS = ("prefix", "svd")
+
+
+def check_method(method: str) -> str:
+    """`method` if it is a truncation method (prefix or svd), else `InputError`."""
+    if method not in METHODS:
+        raise InputError(f"method {method!r} is not allowed; choose one of {', '.join(METHODS)}")
+    return method
+
+
+def rank_scope(
+    model: nn.Module, rank: int | None, method: str = "prefix"
+) -> contextlib.AbstractContextManager[None]:
     """Run the forward passes inside the `with` block at LoRA rank `rank` (None: full rank).
 
+    `method="prefix"` uses the first b rows of A and columns of B (what QDyLoRA trains);
+    `"svd"` the exact top-b SVD of each layer's delta (`DynamicRank.svd_scope`).
     Works on any PEFT LoRA model (trained by qdylora or loaded with PeftModel.from_pretrained).
     """
-    return DynamicRank.of(model).scope(rank)
+    dynamic = DynamicRank.of(model)
+    if check_method(method) == "svd" and rank is not None:
+        return dynamic.svd_scope(rank)
+    return dynamic.scope(rank)
 
 
 def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
@@ -250,18 +317,32 @@ def svd_truncate(
     the adapter you will write (`lora_scale(alpha, rank, use_rslora)`) as `out_scale`, so the
     scale is folded in the way PEFT applies it. Works from the factors alone (no base
     weights, so also for LoRA layers on 4-bit bases, where PEFT's `convert_to_lora` refuses):
-    two thin QRs and an r x r SVD instead of an SVD of the out x in delta. The singular
-    values are split evenly between A' and B' (sqrt on each side), as PEFT's own conversion does.
+    two thin QRs and an r x r SVD instead of an SVD of the out x in delta, in float64.
+
+    The singular values are split evenly between the factors: A' = sqrt(S/|out_scale|) V^T,
+    B' = sign(out_scale) U sqrt(S/|out_scale|), so both factors have the same row/column
+    norms (balanced, as LoRA factors are in training). PEFT's own conversion
+    (`peft.tuners.lora.conversion`, 0.21) does NOT do this: it writes A = V^T, B = U S
+    with lora_alpha = r (scale 1). The product, and so every output, is the same; only
+    the split differs. Either split is nested: the first b' < rank rows/columns of (A', B')
+    are the top-b' SVD again.
+
+    Raises `InputError` for a rank outside 1..min(r, in, out) or a zero `out_scale`.
     """
-    r = lora_a.shape[0]
-    if not 1 <= rank <= r:
-        raise InputError(f"SVD rank {rank} outside 1..{r}")
+    r, in_f, out_f = lora_a.shape[0], lora_a.shape[1], lora_b.shape[0]
+    limit = min(r, in_f, out_f)
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= limit:
+        raise InputError(
+            f"SVD rank {rank!r} outside 1..{limit} (a LoRA pair of rank {r} on a {in_f} -> {out_f} layer)"
+        )
+    if not math.isfinite(out_scale) or out_scale == 0:
+        raise InputError(f"out_scale must be a finite non-zero number, got {out_scale!r}")
     a = lora_a.detach().double()
     b = lora_b.detach().double()
-    q_b, r_b = torch.linalg.qr(b)  # (out, r), (r, r)
-    q_a, r_a = torch.linalg.qr(a.T)  # (in, r), (r, r)
+    q_b, r_b = torch.linalg.qr(b)  # (out, k), (k, r)
+    q_a, r_a = torch.linalg.qr(a.T)  # (in, k'), (k', r)
     u, s, vh = torch.linalg.svd(scale * (r_b @ r_a.T))
-    root = (s[:rank] / out_scale).sqrt()
-    new_b = (q_b @ u[:, :rank]) * root
+    root = (s[:rank] / abs(out_scale)).sqrt()
+    new_b = (q_b @ u[:, :rank]) * root * math.copysign(1.0, out_scale)
     new_a = root[:, None] * (vh[:rank] @ q_a.T)
     return new_a.to(lora_a.dtype).contiguous(), new_b.to(lora_b.dtype).contiguous()
