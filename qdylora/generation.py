@@ -51,6 +51,7 @@ def generate_across_ranks(
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = False,
+    method: str = "prefix",
     **generate_kwargs: Any,
 ) -> dict[int, list[str]]:
     """Answer every prompt at every rank of one loaded LoRA model: {rank: [answer per prompt]}.
@@ -70,6 +71,7 @@ def generate_across_ranks(
             `do_sample=True` every rank draws from the same random stream. The caller's
             global RNG state is left as it was.
         progress: Show a progress bar over ranks x prompts.
+        method: How rank b is cut: "prefix" or "svd" (`qdylora.rank_scope`).
         **generate_kwargs: Passed to `model.generate`; greedy (`do_sample=False`) and
             `max_new_tokens=128` unless given.
 
@@ -107,7 +109,7 @@ def generate_across_ranks(
                 bar.set_postfix(rank=rank)
                 torch.manual_seed(seed)
                 out[rank] = []
-                with rank_scope(model, rank), torch.no_grad():
+                with rank_scope(model, rank, method=method), torch.no_grad():
                     for enc in batches:
                         ids = model.generate(**enc, **settings)
                         new = ids[:, enc["input_ids"].shape[1] :]

@@ -34,3 +34,54 @@ def test_results_round_trip_and_files(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = result.table()
     assert "<- recommended" in table.splitlines()[2] and "(best)" in table.splitlines()[3]
+
+
+BY_METHOD = {
+    "prefix": {1: {"eval_loss": 3.0}, 2: {"eval_loss": 2.0}, 4: {"eval_loss": 1.2}, 8: {"eval_loss": 1.0}},
+    "svd": {1: {"eval_loss": 2.0}, 2: {"eval_loss": 1.009}, 4: {"eval_loss": 1.001}, 8: {"eval_loss": 1.0}},
+}
+
+
+def test_two_methods_recommend_a_rank_and_method(tmp_path):
+    result = SweepResult({}, by_method=BY_METHOD, tolerance=0.01)
+    assert result.methods == ["prefix", "svd"] and result.method == "prefix"
+    assert result.results is result.by_method["prefix"]  # old readers see the first method
+    # best 1.0 (rank 8, both; the earlier method wins the tie); within 1%: svd at 2 (1.009)
+    assert result.best == (8, "prefix")
+    assert (result.recommended_rank, result.recommended_method) == (2, "svd")
+    assert result.recommend("prefix") == (8, "prefix")
+    assert SweepResult({}, by_method=BY_METHOD, tolerance=0.005).recommend() == (4, "svd")
+    # AURAC: trapezoids over log2 rank 0, 1, 2, 3, divided by 3
+    assert result.aurac("prefix") == pytest.approx(((3.0 + 2.0) / 2 + (2.0 + 1.2) / 2 + (1.2 + 1.0) / 2) / 3)
+    assert result.aurac("svd") < result.aurac("prefix")
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["recommended_method"] == "svd" and set(data["methods"]) == {"prefix", "svd"}
+    assert data["results"] == data["methods"]["prefix"] and data["recommended_rank"] == 2
+    assert data["aurac"]["svd"] == pytest.approx(result.aurac("svd"))
+    assert SweepResult.from_dict(data) == result
+    table = result.table().splitlines()
+    assert "prefix" in table[0] and "svd" in table[0]
+    assert "<- recommended (svd)" in table[2] and "(best: prefix)" in table[4]
+    assert table[-1].split()[0] == "AURAC" and len(table[-1].split()) == 3
+    json_path, png = save_sweep(result, tmp_path)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_old_sweep_files_read_as_prefix():
+    old = {"metric": "eval_loss", "tolerance": 0.01, "recommended_rank": 4, "best_rank": 8,
+           "results": {"1": {"eval_loss": 2.0}, "4": {"eval_loss": 1.5}, "8": {"eval_loss": 1.49}}}
+    result = SweepResult.from_dict(old)
+    assert result.methods == ["prefix"] and (result.recommended_rank, result.recommended_method) == (4, "prefix")
+    assert result.values() == {1: 2.0, 4: 1.5, 8: 1.49}
+
+
+def test_greater_is_better_across_methods():
+    vals = {"prefix": {1: 0.5, 4: 0.9}, "svd": {1: 0.895, 4: 0.9}}
+    from qdylora.trainer_ext.sweep import aurac, check_methods, recommend
+
+    assert recommend(vals, 0.01, greater_is_better=True) == (1, "svd")
+    assert recommend(vals, 0.001, greater_is_better=True) == (4, "prefix")
+    assert aurac({4: 2.0}) == 2.0
+    assert check_methods("prefix, SVD,prefix") == ["prefix", "svd"]
+    with pytest.raises(InputError, match="'pca' is not allowed"):
+        check_methods("prefix,pca")

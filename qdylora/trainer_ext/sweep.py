@@ -1,7 +1,9 @@
 """The rank sweep: measure the ranks of one trained adapter and recommend one.
 
 Quality is not monotone in rank (the paper's "semi-sorted" behaviour), so we measure
-and recommend the smallest rank whose metric is within a tolerance of the best.
+and recommend the smallest rank whose metric is within a tolerance of the best. Each rank
+can be measured under several truncation methods (`prefix`: the first b rows/columns;
+`svd`: the top-b SVD of each layer's delta); the recommendation is then a (rank, method).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,12 @@ SWEEP_PLOT = "rank_sweep.png"
 
 @dataclass
 class SweepResult:
-    """Metrics per rank, and the rank recommended from them."""
+    """Metrics per rank under one or more truncation methods, and the (rank, method) recommended.
+
+    `results` holds the metrics of `method` (the first method measured; "prefix" in files
+    written before methods existed), `by_method` those of every method, `results`'s
+    included. A result built from `results` alone is a one-method (prefix) sweep.
+    """
 
     results: dict[int, dict[str, float]]
     metric: str = "eval_loss"
@@ -33,30 +41,84 @@ class SweepResult:
     recommended_rank: int = 0
     samples: dict[int, list[str]] = field(default_factory=dict)
     sample_prompts: list[str] = field(default_factory=list)  # samples[rank][i] answers sample_prompts[i]
+    method: str = "prefix"  # the method of `results` (and of `samples`)
+    by_method: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
+    recommended_method: str = ""
 
     def __post_init__(self) -> None:
+        if self.by_method:
+            if self.method not in self.by_method:
+                self.method = next(iter(self.by_method))
+            self.results = self.by_method[self.method]
+        else:
+            self.by_method = {self.method: self.results}
         if not self.recommended_rank and self.results:
-            self.recommended_rank = recommend_rank(self.values(), self.tolerance, self.greater_is_better)
+            self.recommended_rank, self.recommended_method = self.recommend()
+        elif not self.recommended_method:
+            self.recommended_method = self.method
 
-    def values(self) -> dict[int, float]:
-        """{rank: value of the sweep's metric}."""
-        return {r: m[self.metric] for r, m in sorted(self.results.items()) if self.metric in m}
+    @property
+    def methods(self) -> list[str]:
+        """The methods measured, in the order they were."""
+        return list(self.by_method)
+
+    def values(self, method: str | None = None) -> dict[int, float]:
+        """{rank: value of the sweep's metric} under `method` (default: `self.method`)."""
+        results = self.by_method.get(method or self.method, {})
+        return {r: m[self.metric] for r, m in sorted(results.items()) if self.metric in m}
+
+    def recommend(self, method: str | None = None) -> tuple[int, str]:
+        """(rank, method): the smallest rank within `tolerance` of the best (over all methods, or one)."""
+        methods = [method] if method else self.methods
+        return recommend(
+            {m: self.values(m) for m in methods}, self.tolerance, self.greater_is_better
+        )
+
+    @property
+    def best(self) -> tuple[int, str]:
+        """(rank, method) of the best value over all methods (ties: the smaller rank, the earlier method)."""
+        sign = -1 if self.greater_is_better else 1
+        cells = [(sign * v, r, i, m) for i, m in enumerate(self.methods) for r, v in self.values(m).items()]
+        _, r, _, m = min(cells)
+        return r, m
 
     @property
     def best_rank(self) -> int:
-        vals = self.values()
-        pick = max if self.greater_is_better else min
-        return pick(vals, key=lambda r: (vals[r], -r) if self.greater_is_better else (vals[r], r))
+        return self.best[0]
+
+    @property
+    def best_method(self) -> str:
+        return self.best[1]
+
+    def aurac(self, method: str | None = None) -> float:
+        """Area under the metric-vs-log2(rank) curve (trapezoids), divided by the log2 range.
+
+        So it is the metric's mean over log2 rank, in the metric's units (lower is better
+        for a loss); one rank measured: that rank's value. Comparable between methods
+        measured at the same ranks.
+        """
+        return aurac(self.values(method))
 
     def to_dict(self, samples: bool = True) -> dict[str, Any]:
-        """JSON-ready dict; `samples=False` leaves out the generated answers (for qdylora_config.json)."""
+        """JSON-ready dict; `samples=False` leaves out the generated answers (for qdylora_config.json).
+
+        `results` (the first method's) and `recommended_rank` keep their old meaning, so
+        readers from before methods existed still read the file.
+        """
         out = {
             "metric": self.metric,
             "greater_is_better": self.greater_is_better,
             "tolerance": self.tolerance,
             "recommended_rank": self.recommended_rank,
+            "recommended_method": self.recommended_method,
             "best_rank": self.best_rank,
+            "best_method": self.best_method,
+            "method": self.method,
             "results": {str(r): m for r, m in sorted(self.results.items())},
+            "methods": {
+                name: {str(r): m for r, m in sorted(res.items())} for name, res in self.by_method.items()
+            },
+            "aurac": {name: self.aurac(name) for name in self.methods if self.values(name)},
         }
         if samples and self.samples:
             out["samples"] = {str(r): s for r, s in sorted(self.samples.items())}
@@ -65,6 +127,10 @@ class SweepResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SweepResult:
+        """Read `to_dict`'s output, or a rank_sweep.json / sweep entry from before methods (prefix only)."""
+        by_method = {
+            name: {int(r): m for r, m in res.items()} for name, res in (data.get("methods") or {}).items()
+        }
         return cls(
             results={int(r): m for r, m in data["results"].items()},
             metric=data.get("metric", "eval_loss"),
@@ -73,33 +139,81 @@ class SweepResult:
             recommended_rank=data.get("recommended_rank", 0),
             samples={int(r): s for r, s in data.get("samples", {}).items()},
             sample_prompts=list(data.get("sample_prompts", [])),
+            method=data.get("method", "prefix"),
+            by_method=by_method,
+            recommended_method=data.get("recommended_method", ""),
         )
 
     def table(self) -> str:
-        """A plain-text table: rank, metric, gap to the best, the recommendation marked."""
-        vals = self.values()
-        best = vals[self.best_rank]
-        lines = [f"{'rank':>6}  {self.metric:>12}  {'vs best':>8}"]
-        for r, v in vals.items():
-            gap = (v - best) / abs(best) * 100 if best else 0.0
-            mark = "  <- recommended" if r == self.recommended_rank else ("  (best)" if r == self.best_rank else "")
-            lines.append(f"{r:>6}  {v:>12.4f}  {gap:>+7.2f}%{mark}")
+        """A plain-text table: rank, metric per method, gap to the best, the recommendation marked."""
+        best_rank, best_method = self.best
+        best = self.values(best_method)[best_rank]
+
+        def gap(v: float) -> float:
+            return (v - best) / abs(best) * 100 if best else 0.0
+
+        if len(self.methods) == 1:
+            vals = self.values()
+            lines = [f"{'rank':>6}  {self.metric:>12}  {'vs best':>8}"]
+            for r, v in vals.items():
+                mark = "  <- recommended" if r == self.recommended_rank else ("  (best)" if r == best_rank else "")
+                lines.append(f"{r:>6}  {v:>12.4f}  {gap(v):>+7.2f}%{mark}")
+            if len(vals) > 1:
+                lines.append(f"{'AURAC':>6}  {self.aurac():>12.4f}")
+            return "\n".join(lines)
+        ranks = sorted({r for m in self.methods for r in self.values(m)})
+        head = f"{'rank':>6}" + "".join(f"  {self.metric + ' ' + m:>20}  {'vs best':>8}" for m in self.methods)
+        lines = [head]
+        for r in ranks:
+            row = f"{r:>6}"
+            for m in self.methods:
+                v = self.values(m).get(r)
+                row += f"  {'-':>20}  {'':>8}" if v is None else f"  {v:>20.4f}  {gap(v):>+7.2f}%"
+            marks = []
+            if r == self.recommended_rank:
+                marks.append(f"<- recommended ({self.recommended_method})")
+            if r == best_rank:
+                marks.append(f"(best: {best_method})")
+            lines.append(row + ("  " + " ".join(marks) if marks else ""))
+        lines.append(f"{'AURAC':>6}" + "".join(f"  {self.aurac(m):>20.4f}  {'':>8}" for m in self.methods))
         return "\n".join(lines)
+
+
+def recommend(
+    values: dict[str, dict[int, float]], tolerance: float = 0.01, greater_is_better: bool = False
+) -> tuple[int, str]:
+    """(rank, method): the smallest rank whose value, under some method, is within `tolerance`
+    (relative) of the best over all methods; of several methods at that rank, the better value."""
+    cells = [(r, m, v) for m, vals in values.items() for r, v in vals.items()]
+    if not cells:
+        raise InputError("no sweep results to recommend a rank from")
+    if tolerance < 0:
+        raise InputError(f"tolerance must be >= 0, got {tolerance}")
+    order = list(values)
+    sign = -1 if greater_is_better else 1
+    best = min(sign * v for _, _, v in cells)
+    ok = [(r, sign * v, order.index(m), m) for r, m, v in cells if sign * v <= best + tolerance * abs(best)]
+    r, _, _, m = min(ok)
+    return r, m
 
 
 def recommend_rank(values: dict[int, float], tolerance: float = 0.01, greater_is_better: bool = False) -> int:
     """The smallest rank whose value is within `tolerance` (relative) of the best one."""
+    return recommend({"": values}, tolerance, greater_is_better)[0]
+
+
+def aurac(values: dict[int, float]) -> float:
+    """Area under value-vs-log2(rank) (trapezoids) divided by log2(max rank / min rank); one rank: its value."""
+    import math
+
     if not values:
-        raise InputError("no sweep results to recommend a rank from")
-    if tolerance < 0:
-        raise InputError(f"tolerance must be >= 0, got {tolerance}")
-    if greater_is_better:
-        best = max(values.values())
-        ok = [r for r, v in values.items() if v >= best - tolerance * abs(best)]
-    else:
-        best = min(values.values())
-        ok = [r for r, v in values.items() if v <= best + tolerance * abs(best)]
-    return min(ok)
+        raise InputError("no sweep results to compute an AURAC from")
+    ranks = sorted(values)
+    if len(ranks) == 1:
+        return float(values[ranks[0]])
+    xs = [math.log2(r) for r in ranks]
+    area = sum((xs[i + 1] - xs[i]) * (values[ranks[i]] + values[ranks[i + 1]]) / 2 for i in range(len(ranks) - 1))
+    return area / (xs[-1] - xs[0])
 
 
 def refine_ranks(values: dict[int, float], r_min: int, r_max: int, greater_is_better: bool = False) -> list[int]:
@@ -124,32 +238,51 @@ def run_sweep(
     greater_is_better: bool = False,
     sample_prompts: list[str] | None = None,
     sample_kwargs: dict[str, Any] | None = None,
+    methods: Sequence[str] = ("prefix",),
 ) -> SweepResult:
-    """Evaluate `trainer` (a QDyLoRA trainer) at each rank, refining around the best if asked.
+    """Evaluate `trainer` (a QDyLoRA trainer) at each rank under each method, refining if asked.
 
-    With `sample_prompts`, also answer them at every measured rank (`generate_across_ranks`
-    with `sample_kwargs`, using the trainer's `processing_class` as tokenizer).
+    `methods`: "prefix" evaluates `trainer.evaluate(rank=b)` (logged `eval_r{b}_*`); "svd"
+    the same with every layer's delta SVD-truncated to b (`DynamicRank.svd_scope`, logged
+    `eval_svd_r{b}_*`). Refinement measures the ranks around the best (rank, method)
+    under every method. With `sample_prompts`, also answer them at every measured rank
+    under the first method (`generate_across_ranks` with `sample_kwargs`, using the
+    trainer's `processing_class` as tokenizer).
     """
     config = trainer.qdylora_config
     ranks = sorted(set(ranks))
     config.check_ranks(ranks)
+    methods = check_methods(methods)
     sample_prompts = list(sample_prompts or [])
     if sample_prompts and getattr(trainer, "processing_class", None) is None:
         raise InputError("sample_prompts need a tokenizer: pass processing_class=tokenizer to the trainer")
-    results: dict[int, dict[str, float]] = {}
+    dynamic = trainer.dynamic_rank
+    if "svd" in methods:
+        for r in ranks:  # every bad rank refused before the first evaluation
+            with dynamic.svd_scope(r):
+                pass
+    by_method: dict[str, dict[int, dict[str, float]]] = {m: {} for m in methods}
 
     def measure(todo: list[int], desc: str) -> None:
-        bar = tqdm(todo, desc=desc, unit="rank", disable=not trainer.is_world_process_zero())
-        for r in bar:
-            bar.set_postfix(rank=r)
-            metrics = trainer.evaluate(eval_dataset=eval_dataset, rank=r)
-            results[r] = {re.sub(rf"^eval_r{r}_", "eval_", k): v for k, v in metrics.items()}
-            if metric not in results[r]:
-                raise InputError(f"metric {metric!r} not among the evaluation metrics {sorted(results[r])}")
+        for method in methods:
+            bar = tqdm(todo, desc=f"{desc} ({method})", unit="rank", disable=not trainer.is_world_process_zero())
+            for r in bar:
+                bar.set_postfix(rank=r)
+                if method == "svd":
+                    with dynamic.svd_scope(r):
+                        metrics = trainer.evaluate(eval_dataset=eval_dataset, rank=r, metric_key_prefix="eval_svd")
+                else:
+                    metrics = trainer.evaluate(eval_dataset=eval_dataset, rank=r)
+                got = {re.sub(rf"^eval(_svd)?_r{r}_", "eval_", k): v for k, v in metrics.items()}
+                if metric not in got:
+                    raise InputError(f"metric {metric!r} not among the evaluation metrics {sorted(got)}")
+                by_method[method][r] = got
 
     measure(ranks, "rank sweep")
     if refine:
-        values = {r: m[metric] for r, m in results.items()}
+        first = SweepResult({}, metric=metric, greater_is_better=greater_is_better, by_method=by_method)
+        best_rank, best_method = first.best
+        values = first.values(best_method)
         extra = refine_ranks(values, config.r_min, config.r_max, greater_is_better)
         if extra:
             measure(extra, "refining")
@@ -158,33 +291,53 @@ def run_sweep(
         from ..generation import generate_across_ranks
 
         samples = generate_across_ranks(
-            trainer.model, trainer.processing_class, sample_prompts, sorted(results),
-            progress=trainer.is_world_process_zero(), **(sample_kwargs or {}),
+            trainer.model, trainer.processing_class, sample_prompts, sorted(by_method[methods[0]]),
+            progress=trainer.is_world_process_zero(), method=methods[0], **(sample_kwargs or {}),
         )
     return SweepResult(
-        results, metric=metric, greater_is_better=greater_is_better, tolerance=tolerance,
-        samples=samples, sample_prompts=sample_prompts,
+        by_method[methods[0]], metric=metric, greater_is_better=greater_is_better, tolerance=tolerance,
+        samples=samples, sample_prompts=sample_prompts, method=methods[0], by_method=by_method,
     )
 
 
+def check_methods(methods: Sequence[str] | str) -> list[str]:
+    """A list of distinct truncation methods ("prefix,svd" or ["prefix", "svd"]), each checked."""
+    from ..ranks import check_method
+
+    if isinstance(methods, str):
+        methods = methods.split(",")
+    out = list(dict.fromkeys(check_method(str(m).strip().lower()) for m in methods))
+    if not out:
+        raise InputError("no methods to measure; choose from prefix, svd")
+    return out
+
+
 def plot_sweep(result: SweepResult, path: str | os.PathLike, title: str | None = None) -> Path:
-    """Plot the sweep metric against rank (log2 axis), the recommended rank marked."""
+    """Plot the sweep metric against rank (log2 axis), one line per method (with its AURAC), the recommendation marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    vals = result.values()
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(list(vals), list(vals.values()), marker="o", label="QDyLoRA")
-    rec = result.recommended_rank
-    ax.scatter([rec], [vals[rec]], s=160, facecolors="none", edgecolors="red", zorder=3, label=f"recommended: {rec}")
+    ranks: set[int] = set()
+    for method in result.methods:
+        vals = result.values(method)
+        if not vals:
+            continue
+        ranks.update(vals)
+        ax.plot(list(vals), list(vals.values()), marker="o", label=f"{method} (AURAC {result.aurac(method):.4g})")
+    rec, rec_method = result.recommended_rank, result.recommended_method
+    ax.scatter(
+        [rec], [result.values(rec_method)[rec]], s=160, facecolors="none", edgecolors="red", zorder=3,
+        label=f"recommended: {rec} ({rec_method})" if len(result.methods) > 1 else f"recommended: {rec}",
+    )
     ax.set_xscale("log", base=2)
-    ax.set_xticks(list(vals))
-    ax.set_xticklabels([str(r) for r in vals], fontsize=7)
+    ax.set_xticks(sorted(ranks))
+    ax.set_xticklabels([str(r) for r in sorted(ranks)], fontsize=7)
     ax.set_xlabel("LoRA rank b")
     ax.set_ylabel(result.metric)
-    ax.set_title(title or "Metric per rank of one QDyLoRA adapter")
+    ax.set_title(title or "Metric per rank of one adapter")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -219,8 +372,11 @@ def sweep_adapter(
     out_dir: str | os.PathLike | None = None,
     sample_prompts: list[str] | None = None,
     sample_kwargs: dict[str, Any] | None = None,
+    methods: Sequence[str] = ("prefix",),
 ) -> SweepResult:
     """Sweep a saved adapter on a prompt/answer dataset (`data`: a `qdylora.data.DataSpec`).
+
+    `methods`: measure every rank under each truncation method ("prefix", "svd").
 
     Writes rank_sweep.json and rank_sweep.png into `out_dir` (default: the adapter folder)
     and records the result in the adapter's qdylora_config.json. `sample_prompts` are
@@ -236,6 +392,7 @@ def sweep_adapter(
     model, tokenizer, config = load_adapter(adapter_dir, base_model=base_model, load_in_4bit=load_in_4bit)
     ranks = ranks if ranks is not None else config.sweep_ranks
     config.check_ranks(ranks)
+    methods = check_methods(methods)
     eval_ds = tokenize(data, tokenizer)
     with tempfile.TemporaryDirectory() as scratch:
         args = TrainingArguments(
@@ -247,7 +404,8 @@ def sweep_adapter(
         )
         sample_kwargs = {"template": data.template, "chat_template": False, **(sample_kwargs or {})}
         trainer.evaluate_ranks(
-            ranks, refine=refine, tolerance=tolerance, sample_prompts=sample_prompts, sample_kwargs=sample_kwargs
+            ranks, refine=refine, tolerance=tolerance, sample_prompts=sample_prompts, sample_kwargs=sample_kwargs,
+            methods=methods,
         )
     result = trainer.rank_sweep
     save_sweep(result, out_dir or adapter_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from transformers import Trainer
@@ -140,8 +141,9 @@ class QDyLoraMixin:
         greater_is_better: bool = False,
         sample_prompts: list[str] | None = None,
         sample_kwargs: dict[str, Any] | None = None,
+        methods: Sequence[str] = ("prefix",),
     ) -> dict[int, dict[str, float]]:
-        """Evaluate every rank in `ranks` (default: the config's eval ranks).
+        """Evaluate every rank in `ranks` (default: the config's eval ranks) under each of `methods`.
 
         Returns {rank: metrics}, metric names as from `evaluate()` (`eval_loss`, ...); each
         rank is also logged as `eval_r{rank}_*`. The result, with the recommended rank (the
@@ -151,6 +153,11 @@ class QDyLoraMixin:
         With `sample_prompts`, each measured rank also answers them (greedy unless
         `sample_kwargs`, passed to `qdylora.generate_across_ranks`, says otherwise); the
         answers are in `self.rank_sweep.samples` and rank_sweep.json.
+
+        `methods`: "prefix" (the rank-b slice QDyLoRA trains) and/or "svd" (each layer's
+        delta SVD-truncated to b, logged as `eval_svd_r{rank}_*`); the returned dict is the
+        first method's, every method's is in `self.rank_sweep.by_method`, and the
+        recommendation is a (rank, method) over all of them.
         """
         self.rank_sweep = run_sweep(
             self,
@@ -162,6 +169,7 @@ class QDyLoraMixin:
             greater_is_better=greater_is_better,
             sample_prompts=sample_prompts,
             sample_kwargs=sample_kwargs,
+            methods=methods,
         )
         return self.rank_sweep.results
 
