@@ -58,6 +58,33 @@ def test_sweep_and_info(trained, arithmetic_data, tmp_path):
     assert info.exit_code == 0 and "1..8" in info.output and "recommended" in info.output
 
 
+def test_sweep_both_methods_then_export_recommended(trained, arithmetic_data, tmp_path):
+    import shutil
+
+    from qdylora.trainer_ext.sweep import recommend
+
+    out, _ = trained
+    src = tmp_path / "src"
+    shutil.copytree(out, src)
+    res = CliRunner().invoke(main, ["sweep", str(src), "--data", str(arithmetic_data[1]), "--ranks", "1,2,8",
+                                    "--method", "prefix,svd", "--out", str(tmp_path / "sw"), "--max-length", "48"])
+    assert res.exit_code == 0, res.output
+    sweep = json.loads((tmp_path / "sw" / "rank_sweep.json").read_text())
+    losses = {m: {int(r): v["eval_loss"] for r, v in res_m.items()} for m, res_m in sweep["methods"].items()}
+    assert set(losses) == {"prefix", "svd"} and all(set(v) == {1, 2, 8} for v in losses.values())
+    assert abs(losses["prefix"][8] - losses["svd"][8]) < 1e-5  # at r_max both are the adapter itself
+    assert abs(losses["prefix"][1] - losses["svd"][1]) > 1e-4  # below it, the method matters
+    pick = (sweep["recommended_rank"], sweep["recommended_method"])
+    assert pick == recommend(losses, 0.01)
+    assert f"recommended rank: {pick[0]} ({pick[1]})" in res.output and "AURAC" in res.output
+    assert set(sweep["aurac"]) == {"prefix", "svd"}
+    assert json.loads((src / "qdylora_config.json").read_text())["sweep"]["recommended_method"] == pick[1]
+    res = CliRunner().invoke(main, ["export", "adapter", str(src), "--rank", "recommended", "--out", str(tmp_path / "e")])
+    assert res.exit_code == 0, res.output
+    info = json.loads((tmp_path / "e" / "qdylora_export.json").read_text())
+    assert (info["rank"], info["method"]) == pick
+
+
 def _fails_with(args, needle):
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 2, (res.exit_code, res.output)
@@ -78,6 +105,8 @@ def test_bad_input_exits_2_with_a_readable_message(trained, tiny_llama, arithmet
     data = str(arithmetic_data[1])
     _fails_with(["sweep", str(out), "--data", data, "--ranks", "1,9"], "[9] outside the trained range 1..8")
     _fails_with(["sweep", str(out), "--data", data, "--ranks", "1,x"], "not a list of ranks")
+    res = _fails_with(["sweep", str(out), "--data", data, "--method", "prefix,pca"], "method 'pca' is not allowed")
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
     _fails_with(["sweep", str(out), "--data", str(tmp_path / "nope.jsonl")], "does not exist")
     _fails_with(["sweep", str(tmp_path / "no-adapter"), "--data", data], "does not exist")
     _fails_with(["info", str(tmp_path)], "not trained with qdylora")

@@ -1,4 +1,8 @@
-"""Export one rank of a QDyLoRA adapter as a standard PEFT LoRA adapter (no base model needed).
+"""Export one rank of a LoRA adapter as a standard PEFT LoRA adapter (no base model needed).
+
+Two methods: `prefix` (lora_A[:b], lora_B[:, :b]: the rank QDyLoRA trained) and `svd`
+(the exact top-b SVD of each module's delta: the best rank-b approximation of any LoRA
+adapter, qdylora-trained or not).
 
 The result is an ordinary `adapter_config.json` + `adapter_model.safetensors` that
 `PeftModel.from_pretrained` (and vLLM, with `vllm=True`) loads with no qdylora code,
@@ -45,14 +49,18 @@ def export_adapter(
     vllm: bool = False,
     overwrite: bool = False,
     force: bool = False,
+    method: str | None = None,
 ) -> Path:
-    """Write rank `rank` of the QDyLoRA adapter in `adapter_dir` as a PEFT adapter in `out_dir`.
+    """Write rank `rank` of the adapter in `adapter_dir` as a PEFT adapter in `out_dir`.
 
-    lora_A[:b] and lora_B[:, :b] with the same lora_alpha and r = b: PEFT's scale alpha/b
-    is the scale the adapter was trained at for rank b (rsLoRA: alpha/sqrt(b)).
+    `prefix`: lora_A[:b] and lora_B[:, :b] with the same lora_alpha and r = b: PEFT's
+    scale alpha/b is the scale the adapter was trained at for rank b (rsLoRA:
+    alpha/sqrt(b)). `svd`: the same config, with factors whose product at that scale is
+    the exact top-b SVD of each module's r_max delta (`ranks.svd_truncate`).
 
     Args:
-        adapter_dir: A folder written by a QDyLoRA trainer (adapter + qdylora_config.json).
+        adapter_dir: A QDyLoRA adapter folder (adapter + qdylora_config.json), or, with
+            `method="svd"`, any PEFT LoRA adapter folder.
         out_dir: The folder to create (written to a temporary folder, then renamed).
         rank: The rank b, from r_min to r_max, or "recommended" (the recorded sweep's pick).
         pad_to: Zero-pad every module to this rank, with alpha rescaled so the output is
@@ -60,19 +68,22 @@ def export_adapter(
         vllm: Check the adapter against vLLM's rules and pad to the smallest allowed
             max_lora_rank >= b unless `pad_to` says otherwise.
         overwrite: Replace an existing `out_dir`.
-        force: Export an adapter without qdylora_config.json (a plain LoRA adapter; its
-            lower ranks were never trained, so they are unlikely to be any good).
+        force: Prefix-cut an adapter without qdylora_config.json (a plain LoRA adapter; its
+            lower ranks were never trained, so its prefixes are unlikely to be any good).
+            Not needed with `method="svd"`.
+        method: "prefix" or "svd". None: prefix, or with rank "recommended" the method
+            the sweep recommended.
 
     Returns:
         `out_dir`.
     """
-    source = SourceAdapter.open(adapter_dir, force=force)
-    b = source.resolve_rank(rank)
+    source = SourceAdapter.open(adapter_dir, force=force, method=method)
+    b, method = source.resolve(rank, method)
     target = _pad_target(b, pad_to, vllm)
     if vllm:
         check_vllm(source)
     with staged_output(out_dir, overwrite=overwrite, protect=[adapter_dir]) as tmp:
-        write_rank(source, b, tmp, pad_to=target, vllm=vllm)
+        write_rank(source, b, tmp, pad_to=target, vllm=vllm, method=method)
     return Path(out_dir)
 
 
@@ -85,14 +96,19 @@ def export_adapters(
     vllm: bool = False,
     overwrite: bool = False,
     force: bool = False,
+    method: str | None = None,
 ) -> dict[int, Path]:
     """Export several ranks of one adapter into `out_dir/rank-<b>/` (multi-LoRA serving).
 
-    The whole `out_dir` appears at once, with every rank in it, or not at all.
-    Returns {rank: folder}.
+    Every rank uses the same `method` (None: prefix, or the sweep's recommended method
+    when "recommended" is among `ranks`). The whole `out_dir` appears at once, with every
+    rank in it, or not at all. Returns {rank: folder}.
     """
-    source = SourceAdapter.open(adapter_dir, force=force)
-    wanted = sorted({source.resolve_rank(r) for r in ranks})
+    source = SourceAdapter.open(adapter_dir, force=force, method=method)
+    if method is None and any(isinstance(r, str) and r.strip().lower() == "recommended" for r in ranks):
+        method = source.resolve("recommended")[1]
+    method = method or "prefix"
+    wanted = sorted({source.resolve(r, method)[0] for r in ranks})
     if not wanted:
         raise InputError("no ranks to export")
     targets = {b: _pad_target(b, pad_to, vllm) for b in wanted}
@@ -102,7 +118,7 @@ def export_adapters(
     with staged_output(out_dir, overwrite=overwrite, protect=[adapter_dir]) as tmp:
         for b in wanted:
             (tmp / rank_folder(b)).mkdir()
-            write_rank(source, b, tmp / rank_folder(b), pad_to=targets[b], vllm=vllm)
+            write_rank(source, b, tmp / rank_folder(b), pad_to=targets[b], vllm=vllm, method=method)
     return {b: out / rank_folder(b) for b in wanted}
 
 
@@ -112,20 +128,26 @@ def rank_folder(rank: int) -> str:
 
 
 def write_rank(
-    source: SourceAdapter, rank: int, folder: Path, *, pad_to: int | None = None, vllm: bool = False
+    source: SourceAdapter,
+    rank: int,
+    folder: Path,
+    *,
+    pad_to: int | None = None,
+    vllm: bool = False,
+    method: str = "prefix",
 ) -> ExportedAdapter:
-    """Write the rank-`rank` cut of `source` into the existing folder `folder`."""
+    """Write the rank-`rank` cut (`method`: prefix or svd) of `source` into the existing folder `folder`."""
     from safetensors.torch import save_file
 
     if pad_to is None:
         tensors = {k: source.tensors[k] for k in source.extra_keys}
-        for pair in source.rank_pairs(rank):
+        for pair in source.rank_pairs(rank, method):
             tensors[pair.module.a_key], tensors[pair.module.b_key] = pair.a, pair.b
             if pair.bias is not None:
                 tensors[pair.module.bias_key] = pair.bias
         config = source.rank_config(rank)
     else:
-        tensors, config = padded(source, rank, pad_to)
+        tensors, config = padded(source, rank, pad_to, method)
     tensors = {k: t.contiguous().clone() for k, t in tensors.items()}  # no shared storage with the source
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -133,7 +155,7 @@ def write_rank(
         shutil.copy2(f, folder / f.name)
     write_json_atomic(
         folder / EXPORT_INFO,
-        source.provenance(rank, kind="adapter", padded_to=pad_to, vllm=vllm, r=config["r"], exported_lora_alpha=config["lora_alpha"]),
+        source.provenance(rank, method, kind="adapter", padded_to=pad_to, vllm=vllm, r=config["r"], exported_lora_alpha=config["lora_alpha"]),
     )
     return ExportedAdapter(folder, rank, int(config["r"]), float(config["lora_alpha"]), pad_to)
 

@@ -14,6 +14,19 @@ def export() -> None:
     """Ship a rank of a QDyLoRA adapter as a PEFT/vLLM adapter or a merged model."""
 
 
+METHOD_HELP = (
+    "prefix: the first b rows/columns (the rank QDyLoRA trained); svd: the best rank-b approximation of each "
+    "layer's delta (any LoRA adapter, no --force needed). Default: prefix, or the sweep's method with --rank recommended."
+)
+
+
+def _method(method: str | None) -> str | None:
+    """--method, checked here so that a typo is one line (exit 2), not click's usage block."""
+    from ..ranks import check_method
+
+    return None if method is None else check_method(method.strip().lower())
+
+
 def _ranks(rank: str | None, ranks: str | None) -> list[int | str] | None:
     """--rank B (one folder) or --ranks LIST (one subfolder per rank); None means --rank."""
     from ..cli import parse_ranks
@@ -37,13 +50,14 @@ def _ranks(rank: str | None, ranks: str | None) -> list[int | str] | None:
 @click.option("--pad-to", type=int, default=None, help="Zero-pad to this rank (alpha rescaled; output unchanged).")
 @click.option("--name", default=None, help="Name of the adapter in the vllm serve line (default: ADAPTER_DIR's name).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--force", is_flag=True, help="Export an adapter without qdylora_config.json (not trained with qdylora).")
-def adapter(adapter_dir: str, rank, ranks, out: str, vllm: bool, pad_to, name, overwrite: bool, force: bool) -> None:
+@click.option("--force", is_flag=True, help="Prefix-cut an adapter without qdylora_config.json (not trained with qdylora).")
+@click.option("--method", default=None, help=METHOD_HELP)
+def adapter(adapter_dir: str, rank, ranks, out: str, vllm: bool, pad_to, name, overwrite: bool, force: bool, method) -> None:
     """Write rank b of ADAPTER_DIR as a standard PEFT LoRA adapter (r = b, same lora_alpha)."""
     from . import export_adapter, export_adapters, read_export_info, serve_command
 
     many = _ranks(rank, ranks)
-    options = dict(pad_to=pad_to, vllm=vllm, overwrite=overwrite, force=force)
+    options = dict(pad_to=pad_to, vllm=vllm, overwrite=overwrite, force=force, method=_method(method))
     if many is None:
         paths = [export_adapter(adapter_dir, out, rank, **options)]
     else:
@@ -51,7 +65,7 @@ def adapter(adapter_dir: str, rank, ranks, out: str, vllm: bool, pad_to, name, o
     infos = {path: read_export_info(path) for path in paths}
     for path, info in infos.items():
         click.echo(
-            f"rank {info['rank']} of {adapter_dir} (r_max {info['r_max']}) -> {path}  "
+            f"rank {info['rank']} ({info['method']}) of {adapter_dir} (r_max {info['r_max']}) -> {path}  "
             f"(r={info['r']}, lora_alpha={info['exported_lora_alpha']:g})"
         )
     if vllm:
@@ -79,9 +93,11 @@ def adapter(adapter_dir: str, rank, ranks, out: str, vllm: bool, pad_to, name, o
     help="With --base-weights nf4: the dtype the base was loaded in for training (default: bf16 on a bf16 GPU, else fp32).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--force", is_flag=True, help="Merge an adapter without qdylora_config.json (not trained with qdylora).")
+@click.option("--force", is_flag=True, help="Prefix-cut an adapter without qdylora_config.json (not trained with qdylora).")
+@click.option("--method", default=None, help=METHOD_HELP)
 def merged(
-    adapter_dir: str, rank: str, out: str, base, dtype: str, base_weights: str, compute_dtype, overwrite: bool, force: bool
+    adapter_dir: str, rank: str, out: str, base, dtype: str, base_weights: str, compute_dtype, overwrite: bool,
+    force: bool, method,
 ) -> None:
     """Merge rank b of ADAPTER_DIR into its base: a standalone transformers model folder (streamed shard by shard)."""
     from .adapter import read_export_info
@@ -89,9 +105,9 @@ def merged(
 
     path = export_merged(
         adapter_dir, out, rank, base_model=base, dtype=dtype, base_weights=base_weights,
-        compute_dtype=compute_dtype, overwrite=overwrite, force=force,
+        compute_dtype=compute_dtype, overwrite=overwrite, force=force, method=_method(method),
     )
     info = read_export_info(path)
     click.echo(
-        f"rank {info['rank']} of {adapter_dir} merged into {info['base_folder']} ({base_weights} weights, {dtype}) -> {path}"
+        f"rank {info['rank']} ({info['method']}) of {adapter_dir} merged into {info['base_folder']} ({base_weights} weights, {dtype}) -> {path}"
     )

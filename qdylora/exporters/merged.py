@@ -94,6 +94,7 @@ def export_merged(
     compute_dtype: str | None = None,
     overwrite: bool = False,
     force: bool = False,
+    method: str | None = None,
 ) -> Path:
     """Write a standalone transformers model: the base with rank `rank` of the adapter merged in.
 
@@ -111,15 +112,17 @@ def export_merged(
             does). Default: what `load_model` picks on this machine (bf16 on a bf16 GPU,
             else fp32). Pass the dtype you trained with.
         overwrite: Replace an existing `out_dir`.
-        force: Accept an adapter without qdylora_config.json.
+        force: Prefix-cut an adapter without qdylora_config.json (not needed with `svd`).
+        method: "prefix" (B[:, :b] A[:b]) or "svd" (the top-b SVD of each module's delta).
+            None: prefix, or with rank "recommended" the method the sweep recommended.
 
     Returns:
         `out_dir`, which `AutoModelForCausalLM.from_pretrained` loads.
     """
     from tqdm.auto import tqdm
 
-    source = SourceAdapter.open(adapter_dir, force=force)
-    b = source.resolve_rank(rank)
+    source = SourceAdapter.open(adapter_dir, force=force, method=method)
+    b, method = source.resolve(rank, method)
     if dtype not in DTYPES:
         raise InputError(f"dtype={dtype!r} is not allowed; choose one of {', '.join(DTYPES)}")
     if base_weights not in BASE_WEIGHTS:
@@ -128,7 +131,7 @@ def export_merged(
     nf4_dtype = (_dtype(compute_dtype) or default_compute_dtype()) if base_weights == "nf4" else None
     base_dir = resolve_base(base_model or source.base_model)
     base = BaseCheckpoint.read(base_dir)
-    edits = plan_edits(source, b, base)
+    edits = plan_edits(source, b, base, method)
     source.tensors.clear()  # the edits hold their own rank-b copies: free the r_max tensors
     quantized = nf4_weight_names(base) if base_weights == "nf4" else set()
 
@@ -145,7 +148,7 @@ def export_merged(
             config["torch_dtype"] = dtype
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         copy_side_files(base_dir, source, tmp)
-        info = source.provenance(b, kind="merged", base_model=str(base_model or source.base_model),
+        info = source.provenance(b, method, kind="merged", base_model=str(base_model or source.base_model),
                                  base_folder=str(base_dir.resolve()), base_weights=base_weights, dtype=dtype,
                                  nf4_compute_dtype=str(nf4_dtype).removeprefix("torch.") if nf4_dtype else None)
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
@@ -175,7 +178,7 @@ def resolve_base(name: str | os.PathLike | None) -> Path:
 Edit = Callable[[torch.Tensor], torch.Tensor]
 
 
-def plan_edits(source: SourceAdapter, rank: int, base: BaseCheckpoint) -> dict[str, Edit]:
+def plan_edits(source: SourceAdapter, rank: int, base: BaseCheckpoint, method: str = "prefix") -> dict[str, Edit]:
     """{base tensor name: function giving its merged fp32 value}, every name and shape checked."""
     fan_in_fan_out = bool(source.peft_config.get("fan_in_fan_out"))
     edits: dict[str, Edit] = {}
@@ -192,7 +195,7 @@ def plan_edits(source: SourceAdapter, rank: int, base: BaseCheckpoint) -> dict[s
                 "the adapter was trained on another model (pass the right --base)"
             )
 
-    for pair in source.rank_pairs(rank):
+    for pair in source.rank_pairs(rank, method):
         m = pair.module
         out_f, in_f = pair.b.shape[0], pair.a.shape[1]
         shape = (in_f, out_f) if (m.embedding or fan_in_fan_out) else (out_f, in_f)

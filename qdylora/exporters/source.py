@@ -9,6 +9,11 @@ hands out the rank-b cut of every module with the scale the adapter was trained 
 where r_m and alpha_m are the module's own stored rank and alpha (rank_pattern /
 alpha_pattern resolved as PEFT resolves them). That is what `qdylora.rank_scope(model, b)`
 computes, and what PEFT computes for an adapter stored with r = b_m and the same alpha.
+
+`rank_pairs(b, method="svd")` hands out instead the best rank-b_m approximation of each
+module's r_m delta (its exact top-b_m SVD, `ranks.svd_truncate`), at the same scale
+alpha_m / b_m, so the same adapter_config.json loads it: what
+`qdylora.rank_scope(model, b, method="svd")` computes.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 
 from ..config import CONFIG_NAME, QDyLoraConfig, read_config_file
 from ..errors import InputError
-from ..ranks import lora_scale
+from ..ranks import check_method, lora_scale, svd_truncate
 from ..loading import read_adapter_config
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -104,14 +109,18 @@ class SourceAdapter:
 
     # -- reading ------------------------------------------------------------------------
     @classmethod
-    def open(cls, adapter_dir: str | os.PathLike, *, force: bool = False) -> SourceAdapter:
+    def open(cls, adapter_dir: str | os.PathLike, *, force: bool = False, method: str | None = None) -> SourceAdapter:
         """Read and check an adapter folder.
 
         Raises `InputError` for a folder that is not a complete PEFT LoRA adapter, for
-        unreadable weights, for DoRA, and (unless `force`) for an adapter with no
-        qdylora_config.json: a plain LoRA adapter was only ever trained at its full rank.
+        unreadable weights, for DoRA, and (unless `force`, or `method="svd"`) for an
+        adapter with no qdylora_config.json: a plain LoRA adapter was only ever trained at
+        its full rank, so its prefix cut is not meaningful, while its SVD truncation is.
         """
         path = Path(adapter_dir)
+        if method is not None:
+            check_method(method)
+        force = force or method == "svd"
         peft_config = read_adapter_config(path)
         kind = peft_config.get("peft_type", "LORA")
         if kind != "LORA":
@@ -125,9 +134,9 @@ class SourceAdapter:
         if (path / CONFIG_NAME).is_file() or not force:
             if not (path / CONFIG_NAME).is_file():
                 raise InputError(
-                    f"{path} has no {CONFIG_NAME}: it was not trained with qdylora, and cutting a plain LoRA "
-                    "adapter to a lower rank is not meaningful (only its full rank was ever trained); "
-                    "pass --force (force=True) to export it anyway"
+                    f"{path} has no {CONFIG_NAME}: it was not trained with qdylora, and the prefix cut of a plain "
+                    "LoRA adapter is not meaningful (only its full rank was ever trained); use --method svd "
+                    "(the best rank-b approximation), or pass --force to cut it anyway"
                 )
             qdylora = read_config_file(path)
             QDyLoraConfig.from_dict(qdylora["config"])  # validates the settings
@@ -167,15 +176,56 @@ class SourceAdapter:
         data = (self.qdylora or {}).get("sweep")
         return SweepResult.from_dict(data) if data else None
 
+    def resolve(self, rank: int | str, method: str | None = None) -> tuple[int, str]:
+        """Check a requested (rank, method); the method defaults to prefix.
+
+        With rank "recommended", a `method` of None takes the sweep's recommended
+        (rank, method); an explicit other method takes the rank the sweep recommends for
+        that method alone (it must have been measured).
+        """
+        if method is not None:
+            check_method(method)
+        if isinstance(rank, str) and rank.strip().lower() == "recommended":
+            sweep = self._recorded_sweep()
+            if method is None or method == sweep.recommended_method:
+                b, method = int(sweep.recommended_rank), sweep.recommended_method
+            elif method not in sweep.methods:
+                raise InputError(
+                    f"the sweep recorded in {self.path} measured {', '.join(sweep.methods)}, not {method}; "
+                    f"run `qdylora sweep --method {method}` or pass a number"
+                )
+            else:
+                b = sweep.recommend(method)[0]
+        else:
+            b, method = self.resolve_rank(rank), method or "prefix"
+        if method == "svd":
+            self.check_svd(b)
+        return b, method
+
+    def _recorded_sweep(self):
+        sweep = self.sweep()
+        if sweep is None or not sweep.recommended_rank:
+            raise InputError(
+                f"{self.path} has no recorded sweep to recommend a rank; run `qdylora sweep` or pass a number"
+            )
+        return sweep
+
+    def check_svd(self, rank: int) -> None:
+        """Raise `InputError` if some module cannot hold a rank-`rank` SVD (b_m > min(in, out))."""
+        for m in self.modules:
+            b = min(rank, m.r)
+            a, bt = self.tensors[m.a_key], self.tensors[m.b_key]
+            limit = min(a.shape[1], bt.shape[0])
+            if b > limit:
+                raise InputError(
+                    f"rank {rank} is above min(in, out) = {limit} of {m.name}, whose delta has rank <= {limit}; "
+                    f"the SVD needs a rank of at most {limit} there"
+                )
+
     def resolve_rank(self, rank: int | str) -> int:
         """Check a requested rank (an integer, or "recommended": the sweep's pick)."""
         if isinstance(rank, str) and rank.strip().lower() == "recommended":
-            sweep = self.sweep()
-            if sweep is None or not sweep.recommended_rank:
-                raise InputError(
-                    f"{self.path} has no recorded sweep to recommend a rank; run `qdylora sweep` or pass a number"
-                )
-            return int(sweep.recommended_rank)
+            return int(self._recorded_sweep().recommended_rank)
         if isinstance(rank, str) and rank.strip().lstrip("+-").isdigit():
             rank = int(rank)
         if not isinstance(rank, int) or isinstance(rank, bool):
@@ -198,18 +248,25 @@ class SourceAdapter:
         """The scale module `module` runs at when the adapter runs at rank `rank`."""
         return lora_scale(module.alpha, min(rank, module.r), self.use_rslora)
 
-    def rank_pairs(self, rank: int) -> Iterator[RankPair]:
-        """lora_A[:b], lora_B[:, :b] (views) and the scale of every module at rank `rank`."""
+    def rank_pairs(self, rank: int, method: str = "prefix") -> Iterator[RankPair]:
+        """Every module's rank-b pair and its scale at rank `rank`.
+
+        `prefix`: lora_A[:b], lora_B[:, :b] (views). `svd`: the top-b SVD of the module's
+        r_m delta, factored so that scale * B' A' is it (`svd_truncate`), and a lora_B bias
+        rescaled so that its contribution stays that of the r_m adapter.
+        """
+        check_method(method)
         for m in self.modules:
             b = min(rank, m.r)
-            yield RankPair(
-                module=m,
-                rank=b,
-                a=self.tensors[m.a_key][:b],
-                b=self.tensors[m.b_key][:, :b],
-                bias=self.tensors.get(m.bias_key),
-                scale=self.scale(m, rank),
-            )
+            a, bt, bias, scale = self.tensors[m.a_key], self.tensors[m.b_key], self.tensors.get(m.bias_key), self.scale(m, rank)
+            if method == "svd":
+                full = self.scale(m, m.r)
+                a, bt = svd_truncate(a, bt, full, b, scale)
+                if bias is not None:
+                    bias = (bias.double() * (full / scale)).to(bias.dtype)
+            else:
+                a, bt = a[:b], bt[:, :b]
+            yield RankPair(module=m, rank=b, a=a, b=bt, bias=bias, scale=scale)
 
     def rank_config(self, rank: int) -> dict[str, Any]:
         """adapter_config.json of the rank-b cut: r and rank_pattern capped at b, alphas kept."""
@@ -219,8 +276,8 @@ class SourceAdapter:
         config["inference_mode"] = True
         return config
 
-    def provenance(self, rank: int, **extra: Any) -> dict[str, Any]:
-        """Where an export came from: the source folder and file hash, the rank, the sweep's verdict."""
+    def provenance(self, rank: int, method: str = "prefix", **extra: Any) -> dict[str, Any]:
+        """Where an export came from: the source folder and file hash, the rank and method, the sweep's verdict."""
         from .. import __version__
 
         out: dict[str, Any] = {
@@ -229,6 +286,7 @@ class SourceAdapter:
             "source_sha256": _sha256(self.path / WEIGHTS_NAME),
             "base_model": self.base_model,
             "rank": rank,
+            "method": method,
             "r_min": self.r_min,
             "r_max": self.r_max,
             "lora_alpha": self.peft_config.get("lora_alpha"),
@@ -240,9 +298,11 @@ class SourceAdapter:
             out["sweep"] = {
                 "metric": sweep.metric,
                 "greater_is_better": sweep.greater_is_better,
-                "metrics_at_rank": sweep.results.get(rank),
+                "metrics_at_rank": sweep.by_method.get(method, {}).get(rank),
                 "recommended_rank": sweep.recommended_rank,
+                "recommended_method": sweep.recommended_method,
                 "best_rank": sweep.best_rank,
+                "best_method": sweep.best_method,
             }
         out.update(extra)
         return out

@@ -63,9 +63,9 @@ def check_vllm(source: SourceAdapter) -> None:
 
 
 def padded(
-    source: SourceAdapter, rank: int, pad_to: int
+    source: SourceAdapter, rank: int, pad_to: int, method: str = "prefix"
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors and adapter_config.json of the rank-`rank` cut, every module padded to `pad_to`.
+    """Tensors and adapter_config.json of the rank-`rank` cut (`method`), every module padded to `pad_to`.
 
     One r and one lora_alpha for all modules, no rank_pattern/alpha_pattern: the form vLLM
     reads correctly. Exact: padded rows/columns are zero and every module keeps the scale
@@ -83,7 +83,7 @@ def padded(
         r=pad_to, lora_alpha=base_alpha * ratio, rank_pattern={}, alpha_pattern={}, inference_mode=True
     )
     tensors = {k: source.tensors[k] for k in source.extra_keys}
-    for pair in source.rank_pairs(rank):
+    for pair in source.rank_pairs(rank, method):
         tensors.update(_pad_pair(pair, pad_to, pair.scale / shared))
     return tensors, config
 
