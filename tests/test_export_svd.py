@@ -266,3 +266,40 @@ def test_rank_above_min_in_out_is_refused(export_base, tmp_path):
     res = cli("export", "adapter", src, "--rank", 32, "--method", "svd", "--out", tmp_path / "ok")
     assert res.exit_code == 0, res.output
     assert (peft_logits(export_base, tmp_path / "ok") - dense_logits(export_base, src, 32)).abs().max() < ATOL
+
+
+@pytest.mark.parametrize("kind", ["embedding", "bias"])
+def test_lora_bias_and_embedding_layers(export_base, tmp_path, kind):
+    """A lora_B bias keeps its full-rank contribution; embedding LoRA is truncated the same way."""
+    if kind == "embedding":
+        src = _plain(export_base, tmp_path / "be", target_modules=["embed_tokens", "q_proj"])
+    else:
+        src = _plain(export_base, tmp_path / "be", target_modules=["q_proj", "down_proj"], lora_bias=True)
+    w0 = weights(src)
+    scale_r = lora_scale(ALPHA, R_MAX, False)
+    marker = "lora_embedding_A" if kind == "embedding" else "lora_B.bias"
+    assert any(marker in k for k in w0)
+    full = export_adapter(src, tmp_path / "full", R_MAX, method="svd")
+    assert (peft_logits(export_base, full) - peft_logits(export_base, src)).abs().max().item() < 1e-5
+    b = 3
+    out = export_adapter(src, tmp_path / "r3", b, method="svd")
+    w = weights(out)
+    with torch.no_grad():
+        model = plain_base(export_base)
+        for key in w0:
+            if key.endswith(".lora_A.weight") or key.endswith(".lora_embedding_A"):
+                emb_layer = key.endswith(".lora_embedding_A")
+                name = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+                b_key = key.replace("lora_embedding_A", "lora_embedding_B") if emb_layer else key.replace("lora_A", "lora_B")
+                delta = top_b(scale_r * w0[b_key].double() @ w0[key].double(), b)
+                model.get_submodule(name).weight += (delta.T if emb_layer else delta).float()
+                got = lora_scale(ALPHA, b, False) * w[b_key].double() @ w[key].double()
+                assert rel(got, delta) < REL, name
+        for key, bias in w0.items():
+            if key.endswith(".lora_B.bias"):
+                name = key.removeprefix("base_model.model.").removesuffix(".lora_B.bias")
+                model.get_submodule(name).bias = torch.nn.Parameter(scale_r * bias.float())
+                assert torch.allclose(lora_scale(ALPHA, b, False) * w[key], scale_r * bias, atol=1e-6)
+        expected = model.eval()(input_ids=tokens()).logits.float()
+    assert (peft_logits(export_base, out) - expected).abs().max().item() < ATOL
+    assert (peft_logits(export_base, out) - peft_logits(export_base, src)).abs().max().item() > 1e-3
