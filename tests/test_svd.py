@@ -125,32 +125,37 @@ def test_same_delta_as_peft_conversion_but_a_different_split():
         assert not torch.allclose(new_a @ new_a.T, torch.eye(3), atol=1e-2)
 
 
+@pytest.mark.parametrize("patterns", [False, True])
 @pytest.mark.parametrize("rank", [1, 3, 8])
-def test_svd_scope_computes_the_truncated_model(rank):
-    model = _lora_net(lora_dropout=0.0)
+def test_svd_scope_computes_the_truncated_model(rank, patterns):
+    """Every layer runs its dense top-min(b, r_m) SVD; per-module r / alpha (patterns) respected."""
+    extra = {"rank_pattern": {"up": 4}, "alpha_pattern": {"down": 40}} if patterns else {}
+    model = _lora_net(lora_dropout=0.0, **extra)
     x = torch.randn(5, 40, generator=torch.Generator().manual_seed(1))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     net = model.base_model.model
-    expected = net.down.base_layer(
-        torch.relu(net.up.base_layer(x) + x @ dense_top(
-            net.up.lora_A["default"].weight, net.up.lora_B["default"].weight, 2.0, rank).T.float())
-    ) + (torch.relu(net.up.base_layer(x) + x @ dense_top(
-        net.up.lora_A["default"].weight, net.up.lora_B["default"].weight, 2.0, rank).T.float())
-    ) @ dense_top(net.down.lora_A["default"].weight, net.down.lora_B["default"].weight, 2.0, rank).T.float()
-    with torch.no_grad(), rank_scope(model, rank, method="svd"):
-        got = model(x)
-    assert rel(got, expected) < REL
+    scales = {name: getattr(net, name).scaling["default"] for name in ("up", "down")}
+
+    def dense(name: str, h: torch.Tensor) -> torch.Tensor:
+        layer = getattr(net, name)
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        return layer.base_layer(h) + h @ dense_top(a, b, layer.scaling["default"], min(rank, a.shape[0])).T.float()
+
     with torch.no_grad():
+        expected = dense("down", torch.relu(dense("up", x)))
+        with rank_scope(model, rank, method="svd"):
+            got = model(x)
         full = model(x)
         with rank_scope(model, rank):
             prefix = model(x)
+    assert rel(got, expected) < REL
     if rank < 8:
         assert rel(got, prefix) > 1e-3
-    else:
+    if rank >= 8:
         assert rel(got, full) < REL  # b = r: the SVD refactoring is the adapter itself
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # factors restored
-    assert all(layer.scaling["default"] == 2.0 for layer in (net.up, net.down))
+    assert {name: getattr(net, name).scaling["default"] for name in ("up", "down")} == scales
 
 
 def test_svd_scope_bad_input():

@@ -258,7 +258,8 @@ class SourceAdapter:
         check_method(method)
         for m in self.modules:
             b = min(rank, m.r)
-            a, bt, bias, scale = self.tensors[m.a_key], self.tensors[m.b_key], self.tensors.get(m.bias_key), self.scale(m, rank)
+            a, bt, bias = self.tensors[m.a_key], self.tensors[m.b_key], self.tensors.get(m.bias_key)
+            scale = self.scale(m, rank)
             if method == "svd":
                 full = self.scale(m, m.r)
                 a, bt = svd_truncate(a, bt, full, b, scale)
