@@ -67,9 +67,11 @@ def test_sweep_both_methods_then_export_recommended(trained, arithmetic_data, tm
     src = tmp_path / "src"
     shutil.copytree(out, src)
     res = CliRunner().invoke(main, ["sweep", str(src), "--data", str(arithmetic_data[1]), "--ranks", "1,2,8",
-                                    "--method", "prefix,svd", "--out", str(tmp_path / "sw"), "--max-length", "48"])
+                                    "--method", "svd,prefix", "--out", str(tmp_path / "sw"), "--max-length", "48"])
     assert res.exit_code == 0, res.output
     sweep = json.loads((tmp_path / "sw" / "rank_sweep.json").read_text())
+    assert list(sweep["methods"]) == ["svd", "prefix"] and sweep["method"] == "prefix"
+    assert sweep["results"] == sweep["methods"]["prefix"]  # what readers from before methods read
     losses = {m: {int(r): v["eval_loss"] for r, v in res_m.items()} for m, res_m in sweep["methods"].items()}
     assert set(losses) == {"prefix", "svd"} and all(set(v) == {1, 2, 8} for v in losses.values())
     assert abs(losses["prefix"][8] - losses["svd"][8]) < 1e-5  # at r_max both are the adapter itself

@@ -85,3 +85,10 @@ def test_greater_is_better_across_methods():
     assert check_methods("prefix, SVD,prefix") == ["prefix", "svd"]
     with pytest.raises(InputError, match="'pca' is not allowed"):
         check_methods("prefix,pca")
+
+
+def test_results_are_prefix_when_measured_for_old_readers():
+    result = SweepResult({}, by_method={"svd": BY_METHOD["svd"], "prefix": BY_METHOD["prefix"]}, method="prefix")
+    assert result.methods == ["svd", "prefix"] and result.results == BY_METHOD["prefix"]
+    assert result.to_dict()["results"]["8"] == {"eval_loss": 1.0} and result.to_dict()["method"] == "prefix"
+    assert SweepResult.from_dict(result.to_dict()).results == BY_METHOD["prefix"]

@@ -29,9 +29,10 @@ SWEEP_PLOT = "rank_sweep.png"
 class SweepResult:
     """Metrics per rank under one or more truncation methods, and the (rank, method) recommended.
 
-    `results` holds the metrics of `method` (the first method measured; "prefix" in files
+    `results` holds the metrics of `method` (prefix when it was measured: "prefix" in files
     written before methods existed), `by_method` those of every method, `results`'s
-    included. A result built from `results` alone is a one-method (prefix) sweep.
+    included, in the order measured. A result built from `results` alone is a one-method
+    (prefix) sweep.
     """
 
     results: dict[int, dict[str, float]]
@@ -102,7 +103,7 @@ class SweepResult:
     def to_dict(self, samples: bool = True) -> dict[str, Any]:
         """JSON-ready dict; `samples=False` leaves out the generated answers (for qdylora_config.json).
 
-        `results` (the first method's) and `recommended_rank` keep their old meaning, so
+        `results` (prefix's when measured) and `recommended_rank` keep their old meaning, so
         readers from before methods existed still read the file.
         """
         out = {
@@ -245,14 +246,16 @@ def run_sweep(
     `methods`: "prefix" evaluates `trainer.evaluate(rank=b)` (logged `eval_r{b}_*`); "svd"
     the same with every layer's delta SVD-truncated to b (`DynamicRank.svd_scope`, logged
     `eval_svd_r{b}_*`). Refinement measures the ranks around the best (rank, method)
-    under every method. With `sample_prompts`, also answer them at every measured rank
-    under the first method (`generate_across_ranks` with `sample_kwargs`, using the
-    trainer's `processing_class` as tokenizer).
+    under every method. The result's `results` (what readers from before methods read)
+    are prefix's when prefix was measured, else the first method's. With `sample_prompts`,
+    also answer them at every measured rank under that same method (`generate_across_ranks`
+    with `sample_kwargs`, using the trainer's `processing_class` as tokenizer).
     """
     config = trainer.qdylora_config
     ranks = sorted(set(ranks))
     config.check_ranks(ranks)
     methods = check_methods(methods)
+    primary = "prefix" if "prefix" in methods else methods[0]
     sample_prompts = list(sample_prompts or [])
     if sample_prompts and getattr(trainer, "processing_class", None) is None:
         raise InputError("sample_prompts need a tokenizer: pass processing_class=tokenizer to the trainer")
@@ -291,12 +294,12 @@ def run_sweep(
         from ..generation import generate_across_ranks
 
         samples = generate_across_ranks(
-            trainer.model, trainer.processing_class, sample_prompts, sorted(by_method[methods[0]]),
-            progress=trainer.is_world_process_zero(), method=methods[0], **(sample_kwargs or {}),
+            trainer.model, trainer.processing_class, sample_prompts, sorted(by_method[primary]),
+            progress=trainer.is_world_process_zero(), method=primary, **(sample_kwargs or {}),
         )
     return SweepResult(
-        by_method[methods[0]], metric=metric, greater_is_better=greater_is_better, tolerance=tolerance,
-        samples=samples, sample_prompts=sample_prompts, method=methods[0], by_method=by_method,
+        by_method[primary], metric=metric, greater_is_better=greater_is_better, tolerance=tolerance,
+        samples=samples, sample_prompts=sample_prompts, method=primary, by_method=by_method,
     )
 
 

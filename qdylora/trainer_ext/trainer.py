@@ -155,9 +155,9 @@ class QDyLoraMixin:
         answers are in `self.rank_sweep.samples` and rank_sweep.json.
 
         `methods`: "prefix" (the rank-b slice QDyLoRA trains) and/or "svd" (each layer's
-        delta SVD-truncated to b, logged as `eval_svd_r{rank}_*`); the returned dict is the
-        first method's, every method's is in `self.rank_sweep.by_method`, and the
-        recommendation is a (rank, method) over all of them.
+        delta SVD-truncated to b, logged as `eval_svd_r{rank}_*`). The returned dict is
+        prefix's when measured (else the first method's), every method's is in
+        `self.rank_sweep.by_method`, and the recommendation is a (rank, method) over all.
         """
         self.rank_sweep = run_sweep(
             self,
