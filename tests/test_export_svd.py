@@ -169,6 +169,15 @@ def test_multi_rank_and_merged(trained, tmp_path):
     for b, path in paths.items():
         assert read_export_info(path)["method"] == "svd"
         assert (peft_logits(trained.base_dir, path) - dense_logits(trained.base_dir, trained.adapter_dir, b)).abs().max() < ATOL
+    res = cli("export", "adapter", trained.adapter_dir, "--ranks", "1,5", "--method", "svd", "--vllm",
+              "--out", tmp_path / "vllm")
+    assert res.exit_code == 0, res.output
+    assert "vllm serve" in res.output and "--max-lora-rank 8" in res.output
+    for b in (1, 5):
+        folder = tmp_path / "vllm" / f"rank-{b}"
+        assert read_export_info(folder)["method"] == "svd" and read_export_info(folder)["vllm"] is True
+        got = peft_logits(trained.base_dir, folder)
+        assert (got - dense_logits(trained.base_dir, trained.adapter_dir, b)).abs().max().item() < ATOL
     res = cli("export", "merged", trained.adapter_dir, "--rank", 3, "--method", "svd", "--dtype", "float32",
               "--base", trained.base_dir, "--out", tmp_path / "merged")
     assert res.exit_code == 0, res.output

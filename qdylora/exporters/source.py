@@ -197,7 +197,8 @@ class SourceAdapter:
             else:
                 b = sweep.recommend(method)[0]
         else:
-            b, method = self.resolve_rank(rank), method or "prefix"
+            method = method or "prefix"
+            b = self.resolve_rank(rank, method)
         if method == "svd":
             self.check_svd(b)
         return b, method
@@ -222,8 +223,12 @@ class SourceAdapter:
                     f"the SVD needs a rank of at most {limit} there"
                 )
 
-    def resolve_rank(self, rank: int | str) -> int:
-        """Check a requested rank (an integer, or "recommended": the sweep's pick)."""
+    def resolve_rank(self, rank: int | str, method: str = "prefix") -> int:
+        """Check a requested rank (an integer, or "recommended": the sweep's pick).
+
+        Warns when a prefix cut's rank was never drawn in training (an SVD truncation
+        does not depend on which ranks were drawn).
+        """
         if isinstance(rank, str) and rank.strip().lower() == "recommended":
             return int(self._recorded_sweep().recommended_rank)
         if isinstance(rank, str) and rank.strip().lstrip("+-").isdigit():
@@ -235,7 +240,7 @@ class SourceAdapter:
                 f"rank {rank} is outside the trained range {self.r_min}..{self.r_max} of {self.path}"
             )
         drawn = (self.qdylora or {}).get("config", {}).get("ranks")
-        if drawn and rank not in drawn:
+        if method == "prefix" and drawn and rank not in drawn:
             warnings.warn(
                 f"rank {rank} was never drawn during training (ranks {drawn}); its rows were trained only "
                 "as part of larger ranks",
