@@ -6,6 +6,7 @@ Bad input (unknown keys, missing files, ranks out of range) prints one line and 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,22 @@ def parse_ranks(ctx: click.Context | None, param: click.Parameter | None, value:
 @click.version_option(package_name="qdylora")
 def main() -> None:
     """QDyLoRA: train one 4-bit LoRA adapter, then use any rank from r_min to r_max."""
+    _show_qdylora_messages()
+
+
+class _EchoHandler(logging.Handler):
+    """The `qdylora` logger's warnings on the terminal's stderr, as plain lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(self.format(record), err=True)
+
+
+def _show_qdylora_messages() -> None:
+    log = logging.getLogger("qdylora")
+    if not any(isinstance(h, _EchoHandler) for h in log.handlers):
+        log.addHandler(_EchoHandler(logging.INFO))
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 @main.command()
@@ -97,7 +114,7 @@ def data_options(fn):
 @click.option("--base", default=None, help="Base model (default: the adapter's base_model_name_or_path).")
 @click.option("--refine", is_flag=True, help="Then measure every rank between the best coarse neighbours.")
 @click.option("--tolerance", default=0.01, show_default=True, help="Recommend the smallest rank within this relative gap of the best.")
-@click.option("--batch-size", default=8, show_default=True)
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--no-4bit", is_flag=True, help="Load the base unquantized.")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Where to write rank_sweep.json/png (default: ADAPTER_DIR).")
 @click.option("--sample-prompts", default=None, type=click.Path(dir_okay=False), help="Also answer these prompts at every rank (one per line, or JSONL); stored in rank_sweep.json.")
@@ -138,16 +155,16 @@ def sweep(adapter_dir: str, data_path: str, prompt_field, answer_field, template
 @click.option("--json", "as_json", is_flag=True, help="Print qdylora_config.json as it is.")
 def info(adapter_dir: str, as_json: bool) -> None:
     """Show how an adapter was trained and, if measured, its ranks."""
-    from .config import read_config_file
-    from .loading import read_adapter_config
+    from .adapter_io import check_adapter
     from .trainer_ext.sweep import SweepResult
 
-    data = read_config_file(adapter_dir)
+    files = check_adapter(adapter_dir)  # the same consistency checks as every other command
+    data = files.qdylora
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
-    peft_cfg = read_adapter_config(adapter_dir)
-    cfg = data["config"]
+    peft_cfg = files.peft_config
+    cfg = files.config.to_dict()
     click.echo(f"adapter:       {Path(adapter_dir).resolve()}")
     click.echo(f"base model:    {peft_cfg.get('base_model_name_or_path')}")
     click.echo(f"qdylora:       {data.get('qdylora_version')}")

@@ -210,8 +210,11 @@ class QDyLoraConfig:
 
 
 def read_config_file(directory: str | os.PathLike) -> dict[str, Any]:
-    """The whole qdylora_config.json of a folder (config, version, sweep results)."""
+    """The whole qdylora_config.json of a folder (config, version, sweep results), type-checked."""
     path = Path(directory) / CONFIG_NAME
+    if not Path(directory).is_dir():
+        raise InputError(f"folder {directory} does not exist" if not Path(directory).exists()
+                         else f"{directory} is a file, not an adapter folder")
     if not path.is_file():
         raise InputError(
             f"{directory} has no {CONFIG_NAME}: it was not trained with qdylora "
@@ -220,6 +223,21 @@ def read_config_file(directory: str | os.PathLike) -> dict[str, Any]:
     data = read_json_file(path, "qdylora config")
     if not isinstance(data, dict) or "config" not in data:
         raise InputError(f"{path} has no 'config' section; is it a qdylora file?")
+    if not isinstance(data["config"], dict):
+        raise InputError(f"{path}: 'config' must be a JSON object of QDyLoRA settings, got {data['config']!r}")
+    sweep = data.get("sweep")
+    if sweep is not None:
+        results = sweep.get("results") if isinstance(sweep, dict) else None
+        rec = sweep.get("recommended_rank", 0) if isinstance(sweep, dict) else None
+        if (
+            not isinstance(results, dict)
+            or not all(str(k).isdigit() and isinstance(v, dict) for k, v in results.items())
+            or not _is_int(rec)
+        ):
+            raise InputError(
+                f"{path}: the 'sweep' section is damaged (it needs 'results' {{rank: metrics}} and an integer "
+                "'recommended_rank'); run `qdylora sweep` again to rewrite it"
+            )
     return data
 
 
@@ -230,7 +248,7 @@ def read_json_file(path: str | os.PathLike, what: str, hint: str = "") -> Any:
         raise InputError(f"{what} {path} does not exist{hint}")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{what} {path} is not valid JSON: {exc}") from exc
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import InputError, first_line
 
 # Field pairs recognised when none are given: TRL's prompt-completion, GSM8K, Alpaca.
 KNOWN_FIELDS = (("prompt", "completion"), ("question", "answer"), ("instruction", "output"))
@@ -39,14 +39,37 @@ class DataSpec:
     limit: int | None = None
 
     def __post_init__(self) -> None:
-        if "{prompt}" not in self.template:
-            raise InputError(f"template must contain '{{prompt}}', got {self.template!r}")
-        if self.max_length < 2:
-            raise InputError(f"max_length must be >= 2, got {self.max_length}")
+        check_template(self.template)
+        for name in ("prompt_field", "answer_field", "name"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise InputError(f"{name} must be a column name (a string), got {getattr(self, name)!r}")
+        if not isinstance(self.path, str) or not self.path:
+            raise InputError(f"data path must be a file path or a datasets name, got {self.path!r}")
+        if not _is_int(self.max_length) or self.max_length < 2:
+            raise InputError(f"max_length must be an integer >= 2, got {self.max_length!r}")
+        if self.limit is not None and (not _is_int(self.limit) or self.limit < 1):
+            raise InputError(f"limit must be an integer >= 1, got {self.limit!r}")
+
+
+def check_template(template: Any, what: str = "template") -> None:
+    """A prompt template must be a string with `{prompt}` and no other placeholder."""
+    if not isinstance(template, str) or "{prompt}" not in template:
+        raise InputError(f"{what} must contain '{{prompt}}', got {template!r}")
+    try:
+        template.format(prompt="")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise InputError(
+            f"{what} {template!r} has a placeholder other than {{prompt}} ({exc}); write literal braces as {{{{ }}}}"
+        ) from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def is_local(path: str) -> bool:
-    return path.endswith((".json", ".jsonl")) or os.path.sep in path or path.startswith(".")
+    """A local file (rather than a `datasets` hub name such as `openai/gsm8k`)."""
+    return path.endswith((".json", ".jsonl")) or path.startswith((".", "/", "~")) or os.path.exists(path)
 
 
 def load_records(spec: DataSpec):
@@ -54,17 +77,38 @@ def load_records(spec: DataSpec):
     import datasets
 
     if is_local(spec.path):
-        if not Path(spec.path).is_file():
-            raise InputError(f"data file {spec.path} does not exist")
+        check_data_file(spec.path)
         try:
             ds = datasets.load_dataset("json", data_files=str(spec.path), split="train")
         except Exception as exc:  # malformed JSON lines
-            raise InputError(f"could not read {spec.path} as JSON/JSONL: {exc}") from exc
+            first = first_line(exc)
+            raise InputError(f"could not read {spec.path} as JSON/JSONL: {first}") from exc
     else:
-        ds = datasets.load_dataset(spec.path, spec.name, split=spec.split)
+        try:
+            ds = datasets.load_dataset(spec.path, spec.name, split=spec.split)
+        except Exception as exc:  # offline, unknown name, no such split
+            first = first_line(exc)
+            raise InputError(
+                f"could not load the dataset {spec.path!r} ({first}); give a local .json/.jsonl file"
+            ) from exc
     if spec.limit is not None:
         ds = ds.select(range(min(spec.limit, len(ds))))
     return ds
+
+
+def check_data_file(path: str | os.PathLike) -> None:
+    """Cheap checks of a local data file before anything slow: it exists and looks like JSON or JSONL."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"data file {path} does not exist" if not path.exists() else f"data {path} is not a file")
+    if path.suffix not in (".json", ".jsonl"):
+        raise InputError(f"data file {path} must be .json or .jsonl (records with a prompt and an answer field)")
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip()
+    if not head:
+        raise InputError(f"data file {path} is empty")
+    if head[:1] not in (b"{", b"["):
+        raise InputError(f"data file {path} is not JSON/JSONL: it should start with a JSON record ('{{' or '[')")
 
 
 def resolve_fields(spec: DataSpec, columns: list[str]) -> tuple[str, str]:

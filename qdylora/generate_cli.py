@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .errors import InputError
+from .errors import InputError, check_output_file
 
 
 def _ranks(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
@@ -31,6 +31,7 @@ def _ranks(ctx: click.Context, param: click.Parameter, value: str | None) -> lis
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Sampling seed, set before each rank.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Prompts per generate call (left-padded).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write prompts and answers to this JSON file.")
+@click.option("--overwrite", is_flag=True, help="Replace the --json file if it exists.")
 @click.option("--no-4bit", is_flag=True, help="Load the base unquantized (default: NF4, as trained).")
 def generate(
     adapter_dir: str,
@@ -47,11 +48,14 @@ def generate(
     seed: int,
     batch_size: int,
     json_out: str | None,
+    overwrite: bool,
     no_4bit: bool,
 ) -> None:
     """Answer prompts at several ranks of one adapter (the base is loaded once)."""
     from . import loading
-    from .config import QDyLoraConfig, write_json_atomic
+    from .adapter_io import check_adapter
+    from .config import write_json_atomic
+    from .data import check_template
     from .generation import format_samples, generate_across_ranks, read_prompts, samples_by_prompt
 
     # everything that can be wrong is checked before the (slow) model load
@@ -60,12 +64,10 @@ def generate(
         raise InputError("give at least one --prompt TEXT or --prompts FILE")
     if not do_sample and (temperature is not None or top_p is not None):
         raise InputError("--temperature and --top-p only apply with --do-sample")
-    if "{prompt}" not in template:
-        raise InputError(f"--template must contain '{{prompt}}', got {template!r}")
-    if json_out and not Path(json_out).resolve().parent.is_dir():
-        raise InputError(f"--json: folder {Path(json_out).parent} does not exist")
-    loading.read_adapter_config(adapter_dir)
-    QDyLoraConfig.from_pretrained(adapter_dir).check_ranks(ranks, what="--ranks")
+    check_template(template, "--template")
+    if json_out:
+        check_output_file(json_out, overwrite, "--json")
+    check_adapter(adapter_dir).config.check_ranks(ranks, what="--ranks")
 
     model, tokenizer, _ = loading.load_adapter(adapter_dir, base_model=base, load_in_4bit=not no_4bit)
     settings: dict = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}

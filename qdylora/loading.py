@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InputError
+from .adapter_io import check_adapter, read_adapter_config  # noqa: F401  (read_adapter_config re-exported)
+from .errors import InputError, first_line
 
 
 def default_compute_dtype() -> torch.dtype:
@@ -200,19 +201,14 @@ def load_model(
         use_safetensors=None if "gguf_file" in from_pretrained_kwargs else True,
     )
     kwargs.update(from_pretrained_kwargs)
-    if str(name_or_path).startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(name_or_path)):
-        raise InputError(f"model folder {name_or_path} does not exist")
-    if os.path.isfile(os.path.join(os.path.expanduser(str(name_or_path)), "adapter_config.json")):
-        raise InputError(
-            f"{name_or_path} is an adapter folder, not a base model; use qdylora.loading.load_adapter "
-            "(or pass the adapter with --base pointing at its base model)"
-        )
+    if "gguf_file" not in from_pretrained_kwargs:
+        check_model_folder(name_or_path, trust_remote_code)
     if not load_in_4bit:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        return _from_pretrained(AutoModelForCausalLM, name_or_path, kwargs)
 
     kwargs["quantization_config"] = bnb_config(compute, quant_storage)
     with linear_subclasses_quantizable():
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        model = _from_pretrained(AutoModelForCausalLM, name_or_path, kwargs)
     check_4bit(model)
     keep_4bit_trainable(model)
     if prepare_for_training:
@@ -220,28 +216,6 @@ def load_model(
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     return model
-
-
-def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
-    """adapter_config.json of a PEFT adapter folder, after checking the folder is complete."""
-    import json
-    from pathlib import Path
-
-    adapter_dir = Path(adapter_dir)
-    if not adapter_dir.is_dir():
-        raise InputError(f"adapter folder {adapter_dir} does not exist")
-    cfg_path = adapter_dir / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise InputError(f"{adapter_dir} has no adapter_config.json: it is not a PEFT adapter folder")
-    if not (adapter_dir / "adapter_model.safetensors").is_file():
-        raise InputError(
-            f"{adapter_dir} has no adapter_model.safetensors (qdylora never unpickles .bin weights; "
-            "re-save the adapter with safe_serialization=True)"
-        )
-    try:
-        return json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{cfg_path} is not valid JSON: {exc}") from exc
 
 
 def load_adapter(
@@ -258,18 +232,22 @@ def load_adapter(
     The base is `base_model` or the adapter's `base_model_name_or_path`, loaded in NF4
     by default (the weights the adapter was trained against).
     """
-    from pathlib import Path
-
     from peft import PeftModel
 
-    from .config import QDyLoraConfig
     from .data import load_tokenizer
 
-    peft_cfg = read_adapter_config(adapter_dir)
-    config = QDyLoraConfig.from_pretrained(adapter_dir)
-    base = base_model or peft_cfg.get("base_model_name_or_path")
+    files = check_adapter(adapter_dir)
+    config = files.config
+    base = base_model or files.peft_config.get("base_model_name_or_path")
     if not base:
         raise InputError(f"{adapter_dir} does not name its base model; pass --base MODEL")
+    tokenizer_source = str(adapter_dir) if has_tokenizer(adapter_dir) else base
+    check_model_folder(base, trust_remote_code)
+    if os.path.isdir(os.path.expanduser(str(base))) and tokenizer_source == base and not has_tokenizer(base):
+        raise InputError(
+            f"neither the adapter {adapter_dir} nor its base {base} has tokenizer files; save the tokenizer "
+            "into one of them (tokenizer.save_pretrained) or pass --base with a model folder that has one"
+        )
     model = load_model(
         base,
         load_in_4bit=load_in_4bit,
@@ -280,11 +258,70 @@ def load_adapter(
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
     except (RuntimeError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise InputError(f"the adapter in {adapter_dir} does not fit the base model {base}: {first}") from exc
-    has_tok = any((Path(adapter_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer = load_tokenizer(str(adapter_dir) if has_tok else base, trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_source, trust_remote_code)
     return peft_model, tokenizer, config
+
+
+def _from_pretrained(auto_class: Any, name_or_path: str | os.PathLike, kwargs: dict[str, Any]):
+    """`from_pretrained`; a model that cannot be found or read (offline hub id, broken files) is one line."""
+    try:
+        return auto_class.from_pretrained(name_or_path, **kwargs)
+    except OSError as exc:
+        raise InputError(f"could not load the model {name_or_path}: {first_line(exc)}") from exc
+
+
+def has_tokenizer(folder: str | os.PathLike) -> bool:
+    """Whether a local folder holds tokenizer files (a trainer with a tokenizer writes them)."""
+    folder = os.path.expanduser(str(folder))
+    return any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def check_model_folder(name_or_path: str | os.PathLike, trust_remote_code: bool = False) -> None:
+    """Cheap checks of a base model given as a local folder, before the slow load.
+
+    A hub id (not a local path) is left to `from_pretrained`. A local folder must exist,
+    have config.json, have safetensors weights (qdylora never unpickles .bin files), and
+    need no custom code unless `trust_remote_code`.
+    """
+    import json
+
+    path = os.path.expanduser(str(name_or_path))
+    local = str(name_or_path).startswith((".", "/", "~")) or os.path.exists(path)
+    if not local:
+        return
+    if not os.path.exists(path):
+        raise InputError(f"model folder {name_or_path} does not exist")
+    if not os.path.isdir(path):
+        raise InputError(f"model {name_or_path} is a file; give the model's folder")
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        raise InputError(
+            f"{name_or_path} is an adapter folder, not a base model; use qdylora.loading.load_adapter "
+            "(or pass the adapter with --base pointing at its base model)"
+        )
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise InputError(f"model folder {name_or_path} has no config.json; it is not a transformers model folder")
+    names = os.listdir(path)
+    if not any(n.endswith(".safetensors") for n in names) and not any(n.endswith(".gguf") for n in names):
+        found = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+        raise InputError(
+            f"model folder {name_or_path} has no .safetensors weights"
+            + (f" (only {found[:3]}, which qdylora never unpickles)" if found else "")
+            + "; convert it with save_pretrained(..., safe_serialization=True)"
+        )
+    try:
+        config = json.loads(open(config_path, encoding="utf-8").read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{config_path} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise InputError(f"{config_path} must hold a JSON object")
+    if config.get("auto_map") and not trust_remote_code:
+        raise InputError(
+            f"model {name_or_path} needs custom code (auto_map in config.json); qdylora does not run a "
+            "model's code unless asked: set trust_remote_code: true if you trust it"
+        )
 
 
 def dequantized_weight(module: nn.Module) -> torch.Tensor:

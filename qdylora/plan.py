@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, first_line
 
 GiB = 1024**3
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", "adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit")
@@ -165,7 +165,7 @@ def load_config(model_or_config: str | os.PathLike, trust_remote_code: bool = Fa
     try:
         return AutoConfig.from_pretrained(str(path if local else model_or_config), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise InputError(f"cannot read a model config from {model_or_config}: {first}") from exc
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,13 +27,14 @@ from typing import Any
 from .config import QDyLoraConfig
 from .data import DataSpec
 from .distributed import accumulation_for, check_training_engine, world_size
-from .errors import InputError
+from .errors import InputError, first_line
 
 TOP_LEVEL = {
     "model", "load_in_4bit", "compute_dtype", "quant_storage", "trust_remote_code",
     "data", "eval_data", "eval_size", "lora", "qdylora", "training", "sweep", "samples", "global_batch_size",
 }
 SWEEP_KEYS = {"ranks", "refine", "tolerance", "enabled"}
+DEFAULT_LORA = {"task_type": "CAUSAL_LM", "r": 64, "lora_alpha": 16, "target_modules": "all-linear"}
 SAMPLE_KEYS = {"prompts", "ranks", "max_new_tokens"}
 
 
@@ -71,40 +74,65 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], base_dir: str | os.PathLike = ".") -> Recipe:
+        """Check every setting that can be checked from the file alone (types, ranges, rank
+        lists against the LoRA r), so that nothing fails after training. `run()` adds the
+        checks that need this machine or the files (TrainingArguments, data, checkpoint)."""
         unknown = sorted(set(raw) - TOP_LEVEL)
         if unknown:
             raise InputError(f"unknown key(s) {unknown}; allowed top-level keys: {sorted(TOP_LEVEL)}")
         for key in ("model", "data", "training"):
             if key not in raw:
                 raise InputError(f"missing required key '{key}'")
-        sweep = dict(raw.get("sweep") or {})
-        bad = sorted(set(sweep) - SWEEP_KEYS)
-        if bad:
-            raise InputError(f"unknown sweep key(s) {bad}; allowed: {sorted(SWEEP_KEYS)}")
+        for key in ("lora", "qdylora", "training", "sweep", "samples"):
+            if raw.get(key) is not None and not isinstance(raw[key], dict):
+                raise InputError(f"'{key}' must be a mapping of settings, got {raw[key]!r}")
+        if not isinstance(raw["model"], str) or not raw["model"]:
+            raise InputError(f"'model' must be a model folder or hub id, got {raw['model']!r}")
+        for key in ("load_in_4bit", "trust_remote_code"):
+            if key in raw and not isinstance(raw[key], bool):
+                raise InputError(f"'{key}' must be true or false, got {raw[key]!r}")
+        eval_size = raw.get("eval_size")
+        if eval_size is not None and not (
+            (isinstance(eval_size, float) and 0 < eval_size < 1) or (_is_int(eval_size) and eval_size >= 1)
+        ):
+            raise InputError(f"eval_size must be a fraction in (0, 1) or a number of records >= 1, got {eval_size!r}")
+        batch = raw.get("global_batch_size")
+        if batch is not None and (not _is_int(batch) or batch < 1):
+            raise InputError(f"global_batch_size must be an integer >= 1, got {batch!r}")
+        lora = _checked_lora(raw.get("lora") or {})
+        qdylora = QDyLoraConfig.from_dict(raw.get("qdylora") or {})
+        training = check_training_engine(_checked_training(raw["training"]), base_dir, batch)
+        # the ranks of every section, against the adapter's r (= r_max)
+        resolved = qdylora.resolve(int(lora.get("r", DEFAULT_LORA["r"])), 0)
+        sweep = _checked_sweep(raw.get("sweep") or {}, resolved)
         samples = _checked_samples(raw.get("samples") or {}, base_dir)
-        return cls(
-            model=_local(str(raw["model"]), base_dir),
+        if samples.get("ranks") is not None:
+            resolved.check_ranks(_int_list(samples["ranks"], "samples.ranks"), what="samples.ranks")
+        recipe = cls(
+            model=_local(raw["model"], base_dir),
             data=_data_spec(raw["data"], "data", base_dir),
             eval_data=_data_spec(raw["eval_data"], "eval_data", base_dir) if raw.get("eval_data") else None,
-            eval_size=raw.get("eval_size"),
-            lora=_checked_lora(raw.get("lora") or {}),
-            qdylora=QDyLoraConfig.from_dict(raw.get("qdylora") or {}),
-            training=check_training_engine(_checked_training(raw["training"]), base_dir, raw.get("global_batch_size")),
+            eval_size=eval_size,
+            lora=lora,
+            qdylora=qdylora,
+            training=training,
             load_in_4bit=bool(raw.get("load_in_4bit", True)),
             compute_dtype=raw.get("compute_dtype"),
             quant_storage=raw.get("quant_storage"),
             trust_remote_code=bool(raw.get("trust_remote_code", False)),
             sweep=sweep,
             samples=samples,
-            global_batch_size=raw.get("global_batch_size"),
+            global_batch_size=batch,
         )
+        return recipe  # TrainingArguments' own checks (optim, bf16 on this machine, ...) run first in run()
 
     def lora_config(self):
         from peft import LoraConfig
 
-        kwargs = {"task_type": "CAUSAL_LM", "r": 64, "lora_alpha": 16, "target_modules": "all-linear"}
-        kwargs.update(self.lora)
-        return LoraConfig(**kwargs)
+        try:
+            return LoraConfig(**{**DEFAULT_LORA, **self.lora})
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"lora: {first_line(exc)}") from exc
 
     def training_args(self, **overrides: Any):
         from transformers import TrainingArguments
@@ -116,7 +144,10 @@ class Recipe:
                 self.global_batch_size, world_size(), int(kwargs.get("per_device_train_batch_size", 8))
             )
         kwargs.update(overrides)
-        return TrainingArguments(**kwargs)
+        try:
+            return TrainingArguments(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"training: {first_line(exc)}") from exc
 
 
 def _local(value: str, base_dir: str | os.PathLike) -> str:
@@ -137,9 +168,11 @@ def _data_spec(raw: Any, key: str, base_dir: str | os.PathLike) -> DataSpec:
     if unknown:
         raise InputError(f"unknown {key} key(s) {unknown}; allowed: {sorted(allowed)}")
     raw = dict(raw)
+    if not isinstance(raw["path"], str):
+        raise InputError(f"{key}.path must be a file path, got {raw['path']!r}")
     if raw["path"].endswith((".json", ".jsonl")):
         raw["path"] = _local(raw["path"], base_dir)
-    return DataSpec(**raw)
+    return DataSpec(**raw)  # the file itself is read (and checked) by run(), before the model loads
 
 
 def _checked_samples(raw: dict[str, Any], base_dir: str | os.PathLike) -> dict[str, Any]:
@@ -166,7 +199,41 @@ def _checked_lora(raw: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise InputError(f"unknown lora key(s) {unknown}; they must be peft.LoraConfig fields")
+    if "r" in raw and (not _is_int(raw["r"]) or raw["r"] < 1):
+        raise InputError(f"lora.r must be an integer >= 1 (the maximum rank r_max), got {raw['r']!r}")
+    if "lora_alpha" in raw and (isinstance(raw["lora_alpha"], bool) or not isinstance(raw["lora_alpha"], (int, float))):
+        raise InputError(f"lora.lora_alpha must be a number, got {raw['lora_alpha']!r}")
+    try:
+        LoraConfig(**{**DEFAULT_LORA, **raw})
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"lora: {first_line(exc)}") from exc
     return dict(raw)
+
+
+def _checked_sweep(raw: dict[str, Any], config: QDyLoraConfig) -> dict[str, Any]:
+    """The `sweep` section: known keys of the right types, ranks inside the trained range."""
+    bad = sorted(set(raw) - SWEEP_KEYS)
+    if bad:
+        raise InputError(f"unknown sweep key(s) {bad}; allowed: {sorted(SWEEP_KEYS)}")
+    for key in ("refine", "enabled"):
+        if key in raw and not isinstance(raw[key], bool):
+            raise InputError(f"sweep.{key} must be true or false, got {raw[key]!r}")
+    tol = raw.get("tolerance", 0.01)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or tol < 0:
+        raise InputError(f"sweep.tolerance must be a number >= 0, got {tol!r}")
+    if raw.get("ranks") is not None:
+        config.check_ranks(_int_list(raw["ranks"], "sweep.ranks"), what="sweep.ranks")
+    return dict(raw)
+
+
+def _int_list(value: Any, what: str) -> list[int]:
+    if not isinstance(value, list) or not value or not all(_is_int(v) for v in value):
+        raise InputError(f"{what} must be a non-empty list of integers, got {value!r}")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _checked_training(raw: dict[str, Any]) -> dict[str, Any]:
@@ -185,29 +252,119 @@ def _checked_training(raw: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise InputError(f"unknown training key(s) {unknown}; they must be transformers.TrainingArguments fields")
-    return raw
+    if not isinstance(raw["output_dir"], str) or not raw["output_dir"]:
+        raise InputError(f"training.output_dir must be a folder path, got {raw['output_dir']!r}")
+    hints = typing.get_type_hints(TrainingArguments)
+    return {key: _typed(f"training.{key}", value, hints.get(key)) for key, value in raw.items()}
+
+
+_NUMBERS = {bool: "true or false", int: "an integer", float: "a number"}
+
+
+def _typed(what: str, value: Any, hint: Any) -> Any:
+    """Check a number/bool setting against its annotation (TrainingArguments only checks some).
+
+    YAML reads `2e-4` (no dot) as a string, so numeric strings become numbers. Settings
+    whose type allows a string or anything else are left to the library.
+    """
+    if hint is None:
+        return value
+    kinds = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if not set(kinds) <= {*_NUMBERS, type(None)}:
+        return value
+    if value is None and type(None) in kinds:
+        return value
+    if isinstance(value, bool):
+        if bool in kinds:
+            return value
+    elif _is_int(value) and (int in kinds or float in kinds):
+        return value
+    elif isinstance(value, float) and float in kinds:
+        return value
+    elif isinstance(value, str):
+        for kind in (int, float):
+            if kind in kinds:
+                try:
+                    return kind(value)
+                except ValueError:
+                    pass
+    allowed = " or ".join(_NUMBERS[k] for k in kinds if k in _NUMBERS)
+    raise InputError(f"{what} must be {allowed}, got {value!r}")
 
 
 def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False):
-    """Train, save the adapter (r_max) with qdylora_config.json, and sweep if there is eval data.
+    """Train, save the adapter (r_max) with qdylora_config.json, then sweep if there is eval data.
 
-    Returns the trainer; its `rank_sweep` holds the sweep when one ran.
+    Everything that can be checked is checked before the model loads (`Recipe.from_dict`,
+    the output folder, the checkpoint to resume, the data fields). The adapter is saved
+    BEFORE the sweep, so nothing after training can lose it. A run refused before
+    training leaves no output folder behind. Returns the trainer; its `rank_sweep` holds
+    the sweep when one ran.
     """
-    from peft import get_peft_model
+    out = Path(recipe.training["output_dir"])
+    recipe.training_args()  # TrainingArguments' own checks (optim name, bf16 on this machine, ...)
+    checkpoint = check_output_dir(out, overwrite=overwrite, resume=resume)
+    existed = out.exists()
+    try:
+        return _train(recipe, out, checkpoint)
+    except BaseException:
+        if not existed:
+            _remove_empty_tree(out)  # only what this run created and left empty
+        raise
 
-    from .data import collator, load_records, load_tokenizer, tokenize
-    from .loading import load_model
+
+def check_output_dir(out: Path, *, overwrite: bool, resume: bool) -> str | None:
+    """Refuse an unusable output_dir; with `resume`, return the checkpoint to resume from (checked)."""
+    from .adapter_io import WEIGHTS_NAME, tensor_shapes
+
+    if out.exists() and not out.is_dir():
+        raise InputError(f"training.output_dir {out} is a file; choose a folder")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"training.output_dir {out} lies under {parent}, which is a file")
+            if not os.access(parent, os.W_OK | os.X_OK) and not out.exists():
+                raise InputError(f"cannot create training.output_dir {out}: {parent} is not writable")
+            break
+    if not resume:
+        if out.is_dir() and any(out.iterdir()) and not overwrite:
+            raise InputError(f"output folder {out} exists and is not empty; pass --overwrite or --resume")
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if last is None:
+        raise InputError(f"--resume: {out} has no checkpoint-N folder to resume from; drop --resume to start afresh")
+    weights = Path(last) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise InputError(f"--resume: {last} has no {WEIGHTS_NAME}; the checkpoint is incomplete")
+    tensor_shapes(weights)  # a truncated checkpoint is refused here, not after loading the model
+    return last
+
+
+def _train(recipe: Recipe, out: Path, checkpoint: str | None):
+    from peft import get_peft_model
+    from transformers import enable_full_determinism, set_seed
+
+    from .data import collator, load_records, load_tokenizer, resolve_fields, tokenize
+    from .loading import check_model_folder, load_model
     from .trainer_ext import QDyLoraTrainer, RankSamplesCallback, save_sweep
 
-    out = Path(recipe.training["output_dir"])
-    if out.exists() and any(out.iterdir()) and not (overwrite or resume):
-        raise InputError(f"output folder {out} exists and is not empty; pass --overwrite or --resume")
+    # cheap checks of the inputs first: model folder, data and its fields
+    check_model_folder(recipe.model, recipe.trust_remote_code)
+    records = load_records(recipe.data)
+    if len(records) == 0:
+        raise InputError(f"{recipe.data.path} holds no records")
+    resolve_fields(recipe.data, records.column_names)
+    eval_records = None
+    if recipe.eval_data is not None:
+        eval_records = load_records(recipe.eval_data)
+        resolve_fields(recipe.eval_data, eval_records.column_names)
 
     tokenizer = load_tokenizer(recipe.model, recipe.trust_remote_code)
-    records = load_records(recipe.data)
     eval_ds = None
-    if recipe.eval_data is not None:
-        eval_ds = tokenize(recipe.eval_data, tokenizer)
+    if eval_records is not None:
+        eval_ds = tokenize(recipe.eval_data, tokenizer, eval_records)
     elif recipe.eval_size:
         split = records.train_test_split(test_size=recipe.eval_size, seed=recipe.training.get("seed", 42))
         records, eval_ds = split["train"], tokenize(recipe.data, tokenizer, split["test"])
@@ -222,6 +379,11 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False):
         trust_remote_code=recipe.trust_remote_code,
         gradient_checkpointing=bool(args.gradient_checkpointing),
     )
+    # seed BEFORE the LoRA layers are created: their initialisation draws random numbers
+    if args.full_determinism:
+        enable_full_determinism(args.seed)
+    else:
+        set_seed(args.seed)
     model = get_peft_model(model, recipe.lora_config())
     trainer = QDyLoraTrainer(
         model=model,
@@ -238,7 +400,8 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False):
             max_new_tokens=int(recipe.samples.get("max_new_tokens", 64)),
             template=recipe.data.template, chat_template=False,
         ))
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    train_from(trainer, checkpoint)
+    trainer.save_model(str(out))  # the adapter is safe on disk before anything else runs
     if eval_ds is not None and recipe.sweep.get("enabled", True):
         trainer.evaluate_ranks(
             recipe.sweep.get("ranks"),
@@ -247,5 +410,47 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False):
         )
         if trainer.is_world_process_zero():
             save_sweep(trainer.rank_sweep, out)
-    trainer.save_model(str(out))
+            trainer.qdylora_config.save_pretrained(out, sweep=trainer.rank_sweep.to_dict(samples=False))
     return trainer
+
+
+def train_from(trainer, checkpoint: str | None) -> None:
+    """`trainer.train(resume_from_checkpoint=checkpoint)`; a checkpoint file that torch refuses
+    to unpickle (anything but plain tensors: `weights_only=True`) becomes one line naming it."""
+    import pickle
+
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except pickle.UnpicklingError as exc:
+        if checkpoint is None:
+            raise
+        refused = _refused_pickle(Path(checkpoint)) or checkpoint
+        raise InputError(
+            f"--resume: {refused} was refused: it is not a plain tensor file (torch.load(weights_only=True) "
+            f"would have to run code from it); delete that checkpoint or resume from another"
+        ) from exc
+
+
+def _refused_pickle(checkpoint: Path) -> Path | None:
+    """The first .pt/.pth file of a checkpoint that torch will not load with weights_only=True."""
+    import pickle
+
+    import torch
+
+    for path in sorted([*checkpoint.glob("*.pt"), *checkpoint.glob("*.pth")]):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError):
+            return path
+    return None
+
+
+def _remove_empty_tree(folder: Path) -> None:
+    """Delete `folder` if it holds nothing but empty folders (never a file)."""
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    for sub in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if sub.is_dir() and not sub.is_symlink() and not any(sub.iterdir()):
+            sub.rmdir()
+    if not any(folder.iterdir()):
+        folder.rmdir()

@@ -111,7 +111,7 @@ def test_bad_input_exits_2_with_a_readable_message(trained, tiny_llama, arithmet
     assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
     _fails_with(["sweep", str(out), "--data", str(tmp_path / "nope.jsonl")], "does not exist")
     _fails_with(["sweep", str(tmp_path / "no-adapter"), "--data", data], "does not exist")
-    _fails_with(["info", str(tmp_path)], "not trained with qdylora")
+    _fails_with(["info", str(tmp_path)], "not a PEFT adapter folder")  # no adapter files at all
     assert not (tmp_path / "o").exists()  # nothing half-written by the failed trainings
 
 
@@ -148,6 +148,7 @@ def test_yaml_preset_and_bad_preset(tiny_llama, arithmetic_data, tmp_path):
     cfg = _yaml(tmp_path, tiny_llama, arithmetic_data, tmp_path / "o")
     raw = yaml.safe_load(cfg.read_text())
     raw["qdylora"] = {"preset": "balanced", "r_min": 2}
+    raw["sweep"] = {"ranks": [2, 8]}  # inside r_min..r_max (checked before training)
     cfg.write_text(yaml.safe_dump(raw))
     recipe = Recipe.from_yaml(cfg)
     assert (recipe.qdylora.scaling, recipe.qdylora.loss_weight, recipe.qdylora.r_min) == ("sqrt", "inverse_scale", 2)

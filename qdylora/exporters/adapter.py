@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..adapter_io import save_tensors
 from ..config import write_json_atomic
 from ..errors import InputError
 from .source import WEIGHTS_NAME, SourceAdapter
@@ -137,8 +138,6 @@ def write_rank(
     method: str = "prefix",
 ) -> ExportedAdapter:
     """Write the rank-`rank` cut (`method`: prefix or svd) of `source` into the existing folder `folder`."""
-    from safetensors.torch import save_file
-
     if pad_to is None:
         tensors = {k: source.tensors[k] for k in source.extra_keys}
         for pair in source.rank_pairs(rank, method):
@@ -149,7 +148,7 @@ def write_rank(
     else:
         tensors, config = padded(source, rank, pad_to, method)
     tensors = {k: t.contiguous().clone() for k, t in tensors.items()}  # no shared storage with the source
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_tensors(tensors, folder / WEIGHTS_NAME)
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for f in source.tokenizer_files():
         shutil.copy2(f, folder / f.name)

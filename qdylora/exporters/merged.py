@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
+from ..adapter_io import save_tensors
+from ..errors import InputError, first_line
 from ..loading import _dtype, default_compute_dtype
 from .adapter import EXPORT_INFO
 from .source import PEFT_PREFIX, TOKENIZER_FILES, RankPair, SourceAdapter
@@ -77,7 +78,7 @@ class BaseCheckpoint:
                     keys = list(f.keys())
                     shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in keys})
             except Exception as exc:
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                first = first_line(exc)
                 raise InputError(f"base shard {folder / name} is missing or unreadable ({first})") from exc
             shards[name] = keys
         return cls(folder, shards, shapes, config)
@@ -294,7 +295,6 @@ def merge_shard(
 ) -> int:
     """Read one base shard, apply the edits (after NF4 rounding where asked), write it; return its bytes."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     with safe_open(str(src), "pt") as f:
         metadata, keys = f.metadata() or {}, list(f.keys())
@@ -309,7 +309,7 @@ def merge_shard(
         if key in edits:
             t = edits[key](t)
         out[key] = t.to(dtype) if t.is_floating_point() else t
-    save_file(out, str(dst), metadata={**metadata, "format": "pt"})
+    save_tensors(out, dst, metadata)
     size = sum(t.numel() * t.element_size() for t in out.values())
     del out
     _return_freed_memory()

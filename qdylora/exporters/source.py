@@ -28,16 +28,11 @@ from typing import Any
 
 import torch
 
-from ..config import CONFIG_NAME, QDyLoraConfig, read_config_file
+from ..adapter_io import PEFT_PREFIX, WEIGHTS_NAME, LoraModule, check_adapter, read_safetensors
+from ..config import CONFIG_NAME
 from ..errors import InputError
 from ..ranks import check_method, lora_scale, svd_truncate
-from ..loading import read_adapter_config
 
-WEIGHTS_NAME = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
-# (suffix of lora_A, suffix of lora_B) for linear and embedding LoRA layers
-_PAIRS = ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B"))
-_BIAS = ".lora_B.bias"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -49,29 +44,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-
-
-@dataclass(frozen=True)
-class LoraModule:
-    """One adapted layer: where its tensors are and the rank/alpha it was stored with."""
-
-    name: str  # module path in the base model, e.g. model.layers.0.self_attn.q_proj
-    key: str  # prefix of its tensors in adapter_model.safetensors
-    embedding: bool
-    r: int
-    alpha: float
-
-    @property
-    def a_key(self) -> str:
-        return self.key + _PAIRS[self.embedding][0]
-
-    @property
-    def b_key(self) -> str:
-        return self.key + _PAIRS[self.embedding][1]
-
-    @property
-    def bias_key(self) -> str:
-        return self.key + _BIAS
 
 
 @dataclass
@@ -117,42 +89,17 @@ class SourceAdapter:
         adapter with no qdylora_config.json: a plain LoRA adapter was only ever trained at
         its full rank, so its prefix cut is not meaningful, while its SVD truncation is.
         """
-        path = Path(adapter_dir)
         if method is not None:
             check_method(method)
-        force = force or method == "svd"
-        peft_config = read_adapter_config(path)
-        kind = peft_config.get("peft_type", "LORA")
-        if kind != "LORA":
-            raise InputError(f"{path} holds a {kind} adapter; only LoRA adapters can be exported at a rank")
-        if peft_config.get("use_dora"):
+        files = check_adapter(adapter_dir, force=True)
+        if files.qdylora is None and not force and method != "svd":
             raise InputError(
-                f"{path} is a DoRA adapter: its magnitude vector was fitted to the full-rank update, "
-                "so it has no rank-b cut; train without use_dora"
+                f"{files.path} has no {CONFIG_NAME}: it was not trained with qdylora, and the prefix cut of a plain "
+                "LoRA adapter is not meaningful (only its full rank was ever trained); use --method svd "
+                "(the best rank-b approximation), or pass --force to cut it anyway"
             )
-        qdylora = None
-        if (path / CONFIG_NAME).is_file() or not force:
-            if not (path / CONFIG_NAME).is_file():
-                raise InputError(
-                    f"{path} has no {CONFIG_NAME}: it was not trained with qdylora, and the prefix cut of a plain "
-                    "LoRA adapter is not meaningful (only its full rank was ever trained); use --method svd "
-                    "(the best rank-b approximation), or pass --force to cut it anyway"
-                )
-            qdylora = read_config_file(path)
-            QDyLoraConfig.from_dict(qdylora["config"])  # validates the settings
-        tensors = _load_tensors(path / WEIGHTS_NAME)
-        if any("lora_magnitude_vector" in k for k in tensors):
-            raise InputError(f"{path / WEIGHTS_NAME} holds DoRA magnitude vectors; DoRA adapters have no rank-b cut")
-        modules = _find_modules(path, peft_config, tensors)
-        source = cls(path, peft_config, qdylora, tensors, modules)
-        if qdylora is not None:
-            stored = qdylora["config"].get("r_max")
-            if stored is not None and int(stored) != source.r_max:
-                raise InputError(
-                    f"{path / CONFIG_NAME} says r_max={stored} but the adapter's tensors have rank {source.r_max}; "
-                    "the two files do not belong together"
-                )
-        return source
+        tensors = read_safetensors(files.path / WEIGHTS_NAME)
+        return cls(files.path, files.peft_config, files.qdylora, tensors, files.modules)
 
     # -- what it is ---------------------------------------------------------------------
     @property
@@ -316,59 +263,6 @@ class SourceAdapter:
     def tokenizer_files(self) -> list[Path]:
         """Tokenizer files saved beside the adapter (a trainer with a tokenizer writes them)."""
         return [self.path / f for f in TOKENIZER_FILES if (self.path / f).is_file()]
-
-
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error type for every kind of damage
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise InputError(f"{path} is not a readable safetensors file ({first}); re-save the adapter") from exc
-    if not tensors:
-        raise InputError(f"{path} holds no tensors; re-save the adapter")
-    return tensors
-
-
-def _find_modules(path: Path, peft_config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[LoraModule]:
-    """Pair every lora_A with its lora_B and resolve the module's r and alpha as PEFT does."""
-    from peft.utils.other import get_pattern_key
-
-    r_default = int(peft_config.get("r", 8))
-    alpha_default = peft_config.get("lora_alpha", 8)
-    rank_pattern = peft_config.get("rank_pattern") or {}
-    alpha_pattern = peft_config.get("alpha_pattern") or {}
-    modules = []
-    for key in sorted(tensors):
-        for embedding, (a_suffix, b_suffix) in enumerate(_PAIRS):
-            if not key.endswith(a_suffix):
-                continue
-            prefix = key[: -len(a_suffix)]
-            name = prefix.removeprefix(PEFT_PREFIX)
-            a, b = tensors[key], tensors.get(prefix + b_suffix)
-            if b is None:
-                raise InputError(f"{path / WEIGHTS_NAME} has {key} but no {prefix + b_suffix}; the file is damaged")
-            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-                raise InputError(
-                    f"{path / WEIGHTS_NAME}: {key} {tuple(a.shape)} and its lora_B {tuple(b.shape)} "
-                    "do not form a LoRA pair"
-                )
-            r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), r_default)
-            if int(r) != a.shape[0]:
-                raise InputError(
-                    f"{name} has rank {a.shape[0]} in {WEIGHTS_NAME} but {r} in adapter_config.json; "
-                    "the two files do not belong together"
-                )
-            alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), alpha_default)
-            modules.append(LoraModule(name=name, key=prefix, embedding=bool(embedding), r=int(r), alpha=alpha))
-    if not modules:
-        raise InputError(f"{path / WEIGHTS_NAME} has no lora_A/lora_B tensors; is it a LoRA adapter?")
-    for key in tensors:
-        if any(key.endswith(b_suffix) for _, b_suffix in _PAIRS):
-            if not any(key == m.b_key for m in modules):
-                raise InputError(f"{path / WEIGHTS_NAME} has {key} but no matching lora_A; the file is damaged")
-    return modules
 
 
 def _sha256(path: Path) -> str:

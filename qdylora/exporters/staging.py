@@ -2,13 +2,20 @@
 
 An export is written into a hidden temporary folder beside the target and renamed into
 place only when complete, so the target either does not exist or is whole, even if the
-process is killed mid-write. A later export into the same place removes temporary
-folders that a dead process left behind.
+process is killed mid-write. A later export into the same place removes the temporary
+folders (`.NAME.qdylora-tmp-PID-*`) that a dead process left behind, and says so. A
+moved-aside previous output (`.NAME.qdylora-old-PID-*`, left only if a process died
+between its two renames) holds a user's data: it is put back if the target is missing,
+and otherwise reported, never deleted.
+
+Inputs are compared by their REAL paths (symlinks and `..` resolved), so no spelling of
+a path lets `--overwrite` replace, or write inside, the adapter or base being read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import uuid
@@ -19,6 +26,7 @@ from ..errors import InputError
 
 _TMP = ".qdylora-tmp-"
 _OLD = ".qdylora-old-"
+log = logging.getLogger("qdylora")
 
 
 @contextlib.contextmanager
@@ -27,27 +35,35 @@ def staged_output(
 ) -> Iterator[Path]:
     """Yield an empty temporary folder; on success it becomes `out_dir`, on any error it is removed.
 
-    Raises `InputError` if `out_dir` exists and `overwrite` is false, if it is not a folder,
-    or if it is (or contains) one of the `protect` folders (the adapter being exported,
-    the base model), which `--overwrite` must never delete.
+    Raises `InputError` if `out_dir` exists and `overwrite` is false, if it is not a folder
+    or lies under a file or an unwritable folder, or if it is, contains or lies inside one
+    of the `protect` folders (the adapter being exported, the base model), which
+    `--overwrite` must never delete or change.
     """
-    out = Path(out_dir).expanduser().absolute()
-    for keep in protect:
-        if keep is None:
-            continue
-        keep_path = Path(keep).expanduser().absolute()
-        if out == keep_path or out in keep_path.parents:
-            raise InputError(f"output {out} would replace the input folder {keep_path}; choose another --out")
+    out = _target(out_dir)
+    check_not_input(out, protect)
+    _remove_stale(out)
     if out.exists() or out.is_symlink():
         if not out.is_dir():
             raise InputError(f"output {out} exists and is not a folder; choose another --out")
         if not overwrite:
             raise InputError(f"output folder {out} already exists; pass --overwrite to replace it")
+    for parent in [out.parent, *out.parent.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"output {out} lies under {parent}, which is a file; choose another --out")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise InputError(f"cannot write to {parent} (permission denied); choose another --out")
+            break
     created = _first_missing(out.parent)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out)
     tmp = out.parent / f".{out.name}{_TMP}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as exc:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise InputError(f"cannot create {out}: {exc.strerror or exc}; choose another --out") from exc
     try:
         yield tmp
         _commit(tmp, out)
@@ -56,6 +72,37 @@ def staged_output(
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
         raise
+
+
+def _target(out_dir: str | os.PathLike) -> Path:
+    """The path a rename must replace: the real parent folder plus the last name as given.
+
+    The parent is resolved (a symlink or `..` in it points where the OS would go); the last
+    component is kept, so an output that is itself a symlink is replaced as a link, and
+    the folder it points to is left alone.
+    """
+    p = Path(out_dir).expanduser()
+    if p.name in ("", ".", ".."):
+        return Path(os.path.realpath(p))
+    return Path(os.path.realpath(p.parent)) / p.name
+
+
+def check_not_input(out: str | os.PathLike, inputs: Sequence[str | os.PathLike | None]) -> None:
+    """Raise `InputError` if `out` is, contains or lies inside one of `inputs` (real paths).
+
+    Symlinks and `..` are resolved on both sides, so `run-link` or `run/../run` is seen
+    to be `run`. Writing inside an input would also change it, so that is refused too.
+    """
+    real_out = Path(os.path.realpath(Path(out).expanduser()))
+    for keep in inputs:
+        if keep is None:
+            continue
+        real_keep = Path(os.path.realpath(Path(keep).expanduser()))
+        if real_out == real_keep or real_keep in real_out.parents or real_out in real_keep.parents:
+            raise InputError(
+                f"output {out} is, contains or lies inside the input {keep} (real path {real_keep}); "
+                "choose an --out outside it"
+            )
 
 
 def _commit(tmp: Path, out: Path) -> None:
@@ -87,12 +134,33 @@ def _first_missing(folder: Path) -> Path | None:
 
 
 def _remove_stale(out: Path) -> None:
-    """Delete temporary folders for `out` whose writing process is gone."""
-    for marker in (_TMP, _OLD):
-        for leftover in out.parent.glob(f".{out.name}{marker}*"):
-            pid = leftover.name[len(f".{out.name}{marker}") :].split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(leftover, ignore_errors=True)
+    """Clear what dead processes left beside `out`: temporaries go, moved-aside outputs stay.
+
+    A `.qdylora-tmp-` folder is an unfinished export: deleted, with a message. A
+    `.qdylora-old-` folder is the previous `out`, moved aside by a process that died before
+    it could delete it (after writing the new `out`) or before renaming the new one in
+    (then `out` is missing): it is restored in the second case and reported in the first.
+    """
+    for leftover in sorted(out.parent.glob(f".{out.name}{_TMP}*")):
+        if _dead_writer(leftover, _TMP, out):
+            shutil.rmtree(leftover, ignore_errors=True)
+            log.warning("removed %s, an unfinished export left by a process that no longer runs", leftover)
+    for leftover in sorted(out.parent.glob(f".{out.name}{_OLD}*")):
+        if not _dead_writer(leftover, _OLD, out):
+            continue
+        if not (out.exists() or out.is_symlink()):
+            os.replace(leftover, out)
+            log.warning("restored %s from %s, where an interrupted export had moved it", out, leftover)
+        else:
+            log.warning(
+                "%s holds an earlier %s that an interrupted export moved aside; qdylora never deletes it: "
+                "remove it yourself if you do not need it", leftover, out.name,
+            )
+
+
+def _dead_writer(leftover: Path, marker: str, out: Path) -> bool:
+    pid = leftover.name[len(f".{out.name}{marker}") :].split("-", 1)[0]
+    return pid.isdigit() and not _alive(int(pid))
 
 
 def _alive(pid: int) -> bool:

@@ -315,6 +315,10 @@ def check_methods(methods: Sequence[str] | str) -> list[str]:
     return out
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def plot_sweep(result: SweepResult, path: str | os.PathLike, title: str | None = None) -> Path:
     """Plot the sweep metric against rank (log2 axis), one line per method (with its AURAC), the recommendation marked."""
     import matplotlib
@@ -345,8 +349,7 @@ def plot_sweep(result: SweepResult, path: str | os.PathLike, title: str | None =
     ax.legend()
     fig.tight_layout()
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")  # created with the umask's mode, as savefig would
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, path)
@@ -388,15 +391,26 @@ def sweep_adapter(
     """
     from transformers import TrainingArguments
 
-    from ..data import collator, tokenize
+    from ..adapter_io import check_adapter
+    from ..data import collator, load_records, resolve_fields, tokenize
     from ..loading import load_adapter
     from .trainer import QDyLoraTrainer
 
-    model, tokenizer, config = load_adapter(adapter_dir, base_model=base_model, load_in_4bit=load_in_4bit)
+    # the cheap checks first: adapter files, ranks, data, output folder; then the slow model load
+    config = check_adapter(adapter_dir).config
     ranks = ranks if ranks is not None else config.sweep_ranks
     config.check_ranks(ranks)
     methods = check_methods(methods)
-    eval_ds = tokenize(data, tokenizer)
+    if not _is_int(batch_size) or batch_size < 1:
+        raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    records = load_records(data)
+    if len(records) == 0:
+        raise InputError(f"{data.path} holds no records")
+    resolve_fields(data, records.column_names)
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise InputError(f"--out {out_dir} is a file; give a folder")
+    model, tokenizer, config = load_adapter(adapter_dir, base_model=base_model, load_in_4bit=load_in_4bit)
+    eval_ds = tokenize(data, tokenizer, records)
     with tempfile.TemporaryDirectory() as scratch:
         args = TrainingArguments(
             output_dir=scratch, per_device_eval_batch_size=batch_size, report_to="none", remove_unused_columns=False

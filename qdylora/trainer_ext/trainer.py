@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from transformers import Trainer
 
+from ..adapter_io import umask_mode
 from ..config import QDyLoraConfig
 from ..distributed import check_engine
 from ..errors import InputError
@@ -177,6 +179,8 @@ class QDyLoraMixin:
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict=state_dict)
         if self.args.should_save:
+            for weights in Path(output_dir or self.args.output_dir).glob("*.safetensors"):
+                umask_mode(weights)  # safetensors writes 0600; give the usual mode, as other files have
             extra = {"sweep": self.rank_sweep.to_dict(samples=False)} if self.rank_sweep is not None else {}
             self.qdylora_config.save_pretrained(output_dir or self.args.output_dir, **extra)
 
