@@ -87,7 +87,11 @@ def train(config: str, overwrite: bool, resume: bool) -> None:
     out = recipe.training["output_dir"]
     if trainer.rank_sweep is not None:
         click.echo(trainer.rank_sweep.table())
-        click.echo(f"recommended rank: {trainer.rank_sweep.recommended_rank}")
+        sweep = trainer.rank_sweep
+        click.echo(
+            f"recommended rank: {sweep.recommended_rank}"
+            + (f" ({sweep.recommended_method})" if len(sweep.methods) > 1 else "")
+        )
     click.echo(f"adapter (r_max={trainer.qdylora_config.r_max}) and qdylora_config.json written to {out}")
 
 

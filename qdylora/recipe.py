@@ -8,7 +8,7 @@
     qdylora: {r_min: 1, distribution: uniform}  # or {preset: balanced, ...}: QDyLoraConfig.preset
     training: {output_dir: out, max_steps: 1000, learning_rate: 2e-4, ...}  # TrainingArguments
     global_batch_size: 16             # optional: gradient_accumulation_steps = 16 / (processes x per-device batch)
-    sweep: {ranks: null, refine: false, tolerance: 0.01}                     # after training
+    sweep: {ranks: null, refine: false, tolerance: 0.01, methods: [prefix]}  # after training
     samples: {prompts: [What is 3 plus 4?], ranks: [1, 8, 64], max_new_tokens: 64}  # logged at each eval
 
 Unknown keys anywhere are errors, so a typo never silently falls back to a default.
@@ -33,7 +33,7 @@ TOP_LEVEL = {
     "model", "load_in_4bit", "compute_dtype", "quant_storage", "trust_remote_code",
     "data", "eval_data", "eval_size", "lora", "qdylora", "training", "sweep", "samples", "global_batch_size",
 }
-SWEEP_KEYS = {"ranks", "refine", "tolerance", "enabled"}
+SWEEP_KEYS = {"ranks", "refine", "tolerance", "enabled", "methods"}
 DEFAULT_LORA = {"task_type": "CAUSAL_LM", "r": 64, "lora_alpha": 16, "target_modules": "all-linear"}
 SAMPLE_KEYS = {"prompts", "ranks", "max_new_tokens"}
 
@@ -223,7 +223,17 @@ def _checked_sweep(raw: dict[str, Any], config: QDyLoraConfig) -> dict[str, Any]
         raise InputError(f"sweep.tolerance must be a number >= 0, got {tol!r}")
     if raw.get("ranks") is not None:
         config.check_ranks(_int_list(raw["ranks"], "sweep.ranks"), what="sweep.ranks")
-    return dict(raw)
+    raw = dict(raw)
+    if "methods" in raw:
+        from .trainer_ext.sweep import check_methods
+
+        if not isinstance(raw["methods"], (list, str)):
+            raise InputError(f"sweep.methods must be a list such as [prefix, svd], got {raw['methods']!r}")
+        try:
+            raw["methods"] = check_methods(raw["methods"])
+        except InputError as exc:
+            raise InputError(f"sweep.methods: {exc}") from exc
+    return raw
 
 
 def _int_list(value: Any, what: str) -> list[int]:
@@ -407,6 +417,7 @@ def _train(recipe: Recipe, out: Path, checkpoint: str | None):
             recipe.sweep.get("ranks"),
             refine=bool(recipe.sweep.get("refine", False)),
             tolerance=float(recipe.sweep.get("tolerance", 0.01)),
+            methods=recipe.sweep.get("methods", ["prefix"]),
         )
         if trainer.is_world_process_zero():
             save_sweep(trainer.rank_sweep, out)

@@ -87,6 +87,19 @@ def test_sweep_both_methods_then_export_recommended(trained, arithmetic_data, tm
     assert (info["rank"], info["method"]) == pick
 
 
+def test_train_sweeps_both_methods_and_refuses_a_bad_one_first(tiny_llama, arithmetic_data, tmp_path):
+    out = tmp_path / "o"
+    cfg = _yaml(tmp_path, tiny_llama, arithmetic_data, out, sweep={"ranks": [1, 8], "methods": ["prefix", "pca"]})
+    _fails_with(["train", str(cfg)], "sweep.methods: method 'pca' is not allowed")
+    assert not out.exists()  # refused before training
+    cfg = _yaml(tmp_path, tiny_llama, arithmetic_data, out, sweep={"ranks": [1, 8], "methods": ["prefix", "svd"]})
+    res = CliRunner().invoke(main, ["train", str(cfg)])
+    assert res.exit_code == 0, res.output
+    sweep = json.loads((out / "qdylora_config.json").read_text())["sweep"]
+    assert set(sweep["methods"]) == {"prefix", "svd"} and set(sweep["methods"]["svd"]) == {"1", "8"}
+    assert f"recommended rank: {sweep['recommended_rank']} ({sweep['recommended_method']})" in res.output
+
+
 def _fails_with(args, needle):
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 2, (res.exit_code, res.output)
