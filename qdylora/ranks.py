@@ -11,7 +11,9 @@
   `use_rslora`, so the rule is stored with the adapter. That is exactly what PEFT computes for an adapter stored with
   r = b and the same lora_alpha, which is why a rank-b export needs no qdylora code.
 - `rank_scope(model, b)` sets the active rank for the forward passes inside it. Outside
-  any scope the adapter runs at its full rank r_max.
+  any scope the adapter runs at its full rank r_max. `rank_scope(model, b, method="svd")`
+  instead runs each layer's delta SVD-truncated to b (`svd_truncate`, factors swapped in
+  for the scope by `DynamicRank.svd_scope`).
 
 Truncation wraps the `forward` of each `lora_A[adapter]` / `lora_B[adapter]` module,
 which every PEFT LoRA layer type (nn.Linear, bitsandbytes Linear4bit / Linear8bitLt)
