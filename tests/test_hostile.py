@@ -431,6 +431,26 @@ def _(w):
     return ["sweep", w.adapter, "--data", w.data, "--ranks", "1,9", "--out", w.path("o")], "outside the trained range", [], [w.path("o")]
 
 
+@row("export/svd-rank-above-r")
+def _(w):
+    return ["export", "adapter", w.adapter, "--rank", "9", "--method", "svd", "--out", w.path("o")], "outside", [], [w.path("o")]
+
+
+@row("export/unknown-method")
+def _(w):
+    return ["export", "adapter", w.adapter, "--rank", "2", "--method", "best", "--out", w.path("o")], "best", [], [w.path("o")]
+
+
+@row("sweep/unknown-method")
+def _(w):
+    return ["sweep", w.adapter, "--data", w.data, "--method", "prefix,best", "--out", w.path("o")], "best", [], [w.path("o")]
+
+
+@row("plan/r-max-0")
+def _(w):
+    return ["plan", w.base / "config.json", "--r-max", "0"], "r_max must be", [], []
+
+
 @row("plan/missing-config")
 def _(w):
     return ["plan", w.path("nope.json"), "--r-max", "8"], "", [], []
@@ -470,8 +490,9 @@ def test_stale_moved_aside_output_is_restored_not_deleted(world):
 
 
 def test_stale_temporary_of_dead_process_is_removed_and_reported(world):
+    """Any export into a folder clears what dead exports left there (another name's too)."""
     out = world.path("ship")
-    stale = world.path(f".ship.qdylora-tmp-{_dead_pid()}-deadbeef")
+    stale = world.path(f".other.qdylora-tmp-{_dead_pid()}-deadbeef")
     stale.mkdir()
     (stale / "adapter_model.safetensors").write_bytes(b"partial")
     res = cli("export", "adapter", world.adapter, "--rank", "2", "--out", out)

@@ -2,8 +2,8 @@
 
 An export is written into a hidden temporary folder beside the target and renamed into
 place only when complete, so the target either does not exist or is whole, even if the
-process is killed mid-write. A later export into the same place removes the temporary
-folders (`.NAME.qdylora-tmp-PID-*`) that a dead process left behind, and says so. A
+process is killed mid-write. A later export into the same folder removes the temporary
+folders (`.NAME.qdylora-tmp-PID-*`) that dead processes left behind, and says so. A
 moved-aside previous output (`.NAME.qdylora-old-PID-*`, left only if a process died
 between its two renames) holds a user's data: it is put back if the target is missing,
 and otherwise reported, never deleted.
@@ -141,12 +141,12 @@ def _remove_stale(out: Path) -> None:
     it could delete it (after writing the new `out`) or before renaming the new one in
     (then `out` is missing): it is restored in the second case and reported in the first.
     """
-    for leftover in sorted(out.parent.glob(f".{out.name}{_TMP}*")):
-        if _dead_writer(leftover, _TMP, out):
+    for leftover in sorted(out.parent.glob(f".*{_TMP}*")):  # any export's, in the folder written to
+        if _dead_writer(leftover, _TMP):
             shutil.rmtree(leftover, ignore_errors=True)
             log.warning("removed %s, an unfinished export left by a process that no longer runs", leftover)
     for leftover in sorted(out.parent.glob(f".{out.name}{_OLD}*")):
-        if not _dead_writer(leftover, _OLD, out):
+        if not _dead_writer(leftover, _OLD):
             continue
         if not (out.exists() or out.is_symlink()):
             os.replace(leftover, out)
@@ -158,8 +158,9 @@ def _remove_stale(out: Path) -> None:
             )
 
 
-def _dead_writer(leftover: Path, marker: str, out: Path) -> bool:
-    pid = leftover.name[len(f".{out.name}{marker}") :].split("-", 1)[0]
+def _dead_writer(leftover: Path, marker: str) -> bool:
+    """Whether the process named in `.NAME<marker>PID-XXXX` is gone."""
+    pid = leftover.name.rpartition(marker)[2].split("-", 1)[0]
     return pid.isdigit() and not _alive(int(pid))
 
 
