@@ -108,7 +108,7 @@ def runs(tmp_path_factory, tiny_llama, tiny_falcon, arithmetic_data):
     train = arithmetic_data[0]  # 64 records; val_set_size holds out a quarter for the sweep
 
     configs = {
-        # vLLM-ready exports: padded to an allowed max_lora_rank, still plain PEFT adapters
+        # vLLM-checked exports (vLLM's rules, shapes against the base), still plain PEFT adapters
         "plugin": _config(work, "plugin", tiny_llama, train, qdylora_export_vllm=True),
         "no_plugin": _config(work, "no_plugin", tiny_llama, train, plugin=False),
         "full_finetune": _config(work, "full_finetune", tiny_llama, train, adapter=None, load_in_4bit=None, lora_r=None),
@@ -191,7 +191,7 @@ def test_plugin_writes_config_sweep_and_exports_that_peft_loads(runs):
     assert saved["sweep"]["recommended_rank"] == sweep["recommended_rank"]
     assert (out / "rank_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # the exports: rank 2 and the recommended rank, vLLM-ready (zero-padded), loaded by plain PEFT
+    # the exports: rank 2 and the recommended rank, checked for vLLM, loaded by plain PEFT
     wanted = sorted({2, sweep["recommended_rank"]})
     exports = out / "qdylora-exports"
     assert sorted(p.name for p in exports.iterdir()) == [f"rank-{b}" for b in wanted]
@@ -212,7 +212,7 @@ def test_plugin_writes_config_sweep_and_exports_that_peft_loads(runs):
         for b in wanted:
             folder = exports / f"rank-{b}"
             info = read_export_info(folder)
-            assert info["rank"] == b and info["r"] == vllm_rank(b)  # padded to vLLM's smallest max_lora_rank >= b
+            assert info["rank"] == b and info["r"] == b and info["vllm"]["max_lora_rank"] == vllm_rank(b)  # not padded
             with torch.no_grad(), rank_scope(trained, b):
                 expected = trained(input_ids=ids).logits
             with torch.no_grad():
