@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+GSM8K_DIR = ROOT / "benchmarks" / "data" / "gsm8k"  # vendored GSM8K (MIT, see LICENSE and SOURCE.md there)
 sys.path.insert(0, str(ROOT))
 
 from qdylora import QDyLoraConfig, QDyLoraTrainer, load_model, rank_scope  # noqa: E402
@@ -53,7 +54,7 @@ NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "gsm8k"),
+    p.add_argument("--data-dir", default=str(GSM8K_DIR),
                    help="folder with train.jsonl and test.jsonl (question/answer records)")
     p.add_argument("--train-file", default=None, help="train JSONL (default DATA_DIR/train.jsonl)")
     p.add_argument("--test-file", default=None, help="test JSONL (default DATA_DIR/test.jsonl)")
@@ -98,8 +99,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.test_file = args.test_file or str(data / "test.jsonl")
     for f in (args.train_file, args.test_file):
         if not Path(f).is_file():
-            p.error(f"{f} does not exist; pass --data-dir with train.jsonl/test.jsonl or --train-file/--test-file")
+            p.error(missing_data(f))
     return args
+
+
+def missing_data(path: str | os.PathLike) -> str:
+    """The one-line error for a data file that is not there, saying how to get GSM8K."""
+    return (f"{path} does not exist; pass --data-dir with train.jsonl/test.jsonl (or --train-file/--test-file), "
+            f"or restore the GSM8K copy in {GSM8K_DIR.relative_to(ROOT)} (git checkout, or the files of "
+            "openai/grade-school-math, folder grade_school_math/data)")
 
 
 # -- data ----------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from paper_table import TEMPLATE, answer_loss  # noqa: E402
+from paper_table import GSM8K_DIR, TEMPLATE, answer_loss, missing_data  # noqa: E402
 
 from qdylora import QDyLoraConfig, QDyLoraTrainer, load_model, rank_scope  # noqa: E402
 from qdylora.config import write_json_atomic  # noqa: E402
@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("variants", nargs="+", choices=sorted(VARIANTS))
     run.add_argument("--seeds", default="0")
     run.add_argument("--force", action="store_true", help="run again even if the result file exists")
-    run.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "gsm8k"))
+    run.add_argument("--data-dir", default=str(GSM8K_DIR), help="folder with GSM8K's train.jsonl and test.jsonl")
     run.add_argument("--model", default=None, help="local model folder (default: SmolLM2-135M-Instruct)")
     run.add_argument("--work", default=str(Path.home() / ".cache" / "qdylora" / "quality"),
                      help="where trained adapters are kept")
@@ -93,7 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     rep.add_argument("--findings", default=str(RESULTS / "quality" / "findings.md"),
                      help="hand-written conclusions inserted into the report (if the file exists)")
     sub.add_parser("list", help="print the variants")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("train.jsonl", "test.jsonl") if args.command == "run" else ():
+        if not (Path(args.data_dir) / name).is_file():
+            p.error(missing_data(Path(args.data_dir) / name))
+    return args
 
 
 # -- data ----------------------------------------------------------------------------------

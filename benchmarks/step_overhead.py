@@ -8,6 +8,7 @@ runs only that arm (RSS is per process, so the arms cannot share one), reset aft
 so that the training steps, not the loading, set the peak.
 
     python benchmarks/step_overhead.py                      # SmolLM2-135M-shaped random model
+    python benchmarks/step_overhead.py --shape llama-1b --batch 8 --seq 512   # Llama-3.2-1B-shaped
     python benchmarks/step_overhead.py --model ~/.cache/qdylora/SmolLM2-135M-Instruct
 
 Targets (issue 2): time ratio <= 1.02, peak-memory ratio <= 1.01.
@@ -29,17 +30,27 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 
-def smollm2_shaped(out_dir: str) -> str:
-    """A random model with SmolLM2-135M's architecture (Llama, 30 layers, hidden 576)."""
+# Llama-architecture shapes of real models, filled with random weights (no download)
+SHAPES = {
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
+    # Llama-3.2-1B's shape: 1.24 B parameters
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
+    "tiny": dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),  # plumbing checks
+}
+
+
+def shaped(shape: str, out_dir: str) -> str:
+    """A random model of one of `SHAPES`, saved in bf16 (built on the GPU when there is one: faster)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-        tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=10000.0,
-    )
+    config = LlamaConfig(max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0, **SHAPES[shape])
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(out_dir)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out_dir)
     return out_dir
 
 
@@ -105,7 +116,9 @@ def peak_memory_child(arm: str, model_dir: str, r: int, batch: int, seq: int, st
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="local model folder (default: a random SmolLM2-135M-shaped model)")
+    p.add_argument("--model", help="local model folder (default: a random model of --shape)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m",
+                   help="architecture of the random model used without --model")
     p.add_argument("--r", type=int, default=64, help="r_max / the QLoRA rank")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
@@ -115,7 +128,7 @@ def main() -> None:
     a = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = a.model or smollm2_shaped(os.path.join(tmp, "model"))
+        model_dir = a.model or shaped(a.shape, os.path.join(tmp, "model"))
         if a.child:  # memory probe: one arm alone in this process
             trainer, model, inputs = build(a.child, model_dir, a.r, a.batch, a.seq, tmp)
             reset_peak_rss()  # loading peaks higher than training: measure the training steps only
@@ -145,7 +158,8 @@ def main() -> None:
 
     med = {arm: statistics.median(t) for arm, t in times.items()}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} thread(s)"
-    print(f"device: {device}; r_max {a.r}; batch {a.batch} x {a.seq}; {a.steps} interleaved steps per arm")
+    print(f"device: {device}; model {a.model or a.shape + ' (random weights)'}; r_max {a.r}; batch {a.batch} x {a.seq}; "
+          f"{a.steps} interleaved steps per arm")
     print(f"QDyLoRA ranks drawn: mean {statistics.mean(ranks):.1f} ({min(ranks)}..{max(ranks)})")
     print(f"{'arm':<10}{'median step (s)':>18}{'peak memory (MiB)':>20}")
     for arm in ("plain", "qdylora"):

@@ -16,7 +16,6 @@ configs through Axolotl's own `validate_config`.
 import json
 import os
 import re
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -25,6 +24,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import yaml
+from clients import client_env, client_python, result_of, start, wait_all
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "axolotl" / "tiny-qdylora.yml"
@@ -34,30 +34,11 @@ TIMEOUT = 600
 
 
 def axolotl_python() -> Path:
-    value = os.environ.get("QDYLORA_AXOLOTL_PYTHON")
-    if value and Path(value).is_file():
-        return Path(value)
-    message = (
-        "QDYLORA_AXOLOTL_PYTHON must name the python of an environment built from requirements-axolotl.txt "
-        f"(see .ci/run); got {value!r}"
-    )
-    if os.environ.get("QDYLORA_REQUIRE_AXOLOTL") == "1":
-        pytest.fail(message)
-    pytest.skip(message)
+    return client_python("axolotl", "requirements-axolotl.txt")
 
 
 def _env(python: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        PATH=f"{python.parent}{os.pathsep}{env.get('PATH', '')}",  # axolotl starts `accelerate` from PATH
-        PYTHONPATH=str(REPO),  # this checkout's qdylora
-        AXOLOTL_DO_NOT_TRACK="1",
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-    )
-    return env
+    return client_env(python, AXOLOTL_DO_NOT_TRACK="1")
 
 
 def _config(work: Path, name: str, model: Path, data: Path, *, plugin: bool = True, **overrides) -> Path:
@@ -108,7 +89,7 @@ def runs(tmp_path_factory, tiny_llama, tiny_falcon, arithmetic_data):
     train = arithmetic_data[0]  # 64 records; val_set_size holds out a quarter for the sweep
 
     configs = {
-        # vLLM-ready exports: padded to an allowed max_lora_rank, still plain PEFT adapters
+        # vLLM-checked exports (vLLM's rules, shapes against the base), still plain PEFT adapters
         "plugin": _config(work, "plugin", tiny_llama, train, qdylora_export_vllm=True),
         "no_plugin": _config(work, "no_plugin", tiny_llama, train, plugin=False),
         "full_finetune": _config(work, "full_finetune", tiny_llama, train, adapter=None, load_in_4bit=None, lora_r=None),
@@ -117,11 +98,7 @@ def runs(tmp_path_factory, tiny_llama, tiny_falcon, arithmetic_data):
                           qdylora_eval_ranks=None, qdylora_export_ranks=None),
     }
     axolotl = str(python.parent / "axolotl")
-    procs = {
-        name: subprocess.Popen([axolotl, "train", str(path)], cwd=work, env=_env(python), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-        for name, path in configs.items()
-    }
+    procs = {name: start([axolotl, "train", str(path)], work, _env(python)) for name, path in configs.items()}
 
     base = yaml.safe_load(configs["plugin"].read_text())
     variants = {
@@ -137,18 +114,11 @@ def runs(tmp_path_factory, tiny_llama, tiny_falcon, arithmetic_data):
         "example_falcon": yaml.safe_load((EXAMPLE.parent / "falcon-40b-qdylora.yml").read_text()),
         "example_llama": yaml.safe_load((EXAMPLE.parent / "llama-qdylora.yml").read_text()),
     }
-    procs["validate"] = subprocess.Popen([str(python), "-c", VALIDATE, json.dumps(variants)], cwd=work,
-                                         env=_env(python), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    results = {}
-    for name, proc in procs.items():
-        try:
-            output, _ = proc.communicate(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            output, _ = proc.communicate()
-            output += f"\n[killed after {TIMEOUT} s]"
-        results[name] = (proc.returncode, output, yaml.safe_load(configs[name].read_text()) if name in configs else None)
-    return results
+    procs["validate"] = start([str(python), "-c", VALIDATE, json.dumps(variants)], work, _env(python))
+    return {
+        name: (code, output, yaml.safe_load(configs[name].read_text()) if name in configs else None)
+        for name, (code, output) in wait_all(procs, TIMEOUT).items()
+    }
 
 
 def _ok(runs, name):
@@ -191,7 +161,7 @@ def test_plugin_writes_config_sweep_and_exports_that_peft_loads(runs):
     assert saved["sweep"]["recommended_rank"] == sweep["recommended_rank"]
     assert (out / "rank_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # the exports: rank 2 and the recommended rank, vLLM-ready (zero-padded), loaded by plain PEFT
+    # the exports: rank 2 and the recommended rank, checked for vLLM, loaded by plain PEFT
     wanted = sorted({2, sweep["recommended_rank"]})
     exports = out / "qdylora-exports"
     assert sorted(p.name for p in exports.iterdir()) == [f"rank-{b}" for b in wanted]
@@ -212,7 +182,8 @@ def test_plugin_writes_config_sweep_and_exports_that_peft_loads(runs):
         for b in wanted:
             folder = exports / f"rank-{b}"
             info = read_export_info(folder)
-            assert info["rank"] == b and info["r"] == vllm_rank(b)  # padded to vLLM's smallest max_lora_rank >= b
+            assert info["rank"] == b and info["r"] == b  # not padded: vLLM loads any r <= --max-lora-rank
+            assert info["vllm"]["max_lora_rank"] == vllm_rank(max(wanted))  # one server for all the exports
             with torch.no_grad(), rank_scope(trained, b):
                 expected = trained(input_ids=ids).logits
             with torch.no_grad():
@@ -255,7 +226,7 @@ def test_falcon_is_really_quantized_and_trained_with_random_ranks(runs):
 def test_config_validation_inside_axolotl(runs):
     code, output, _ = runs["validate"]
     assert code == 0, output[-6000:]
-    result = json.loads(output.split("RESULT ", 1)[1].splitlines()[0])
+    result = result_of(output)
     # Axolotl auto-enables its fused LoRA kernels when none is set; the plugin keeps them off
     assert result["kernels_unset_no_plugin"]["lora_qkv_kernel"] is True
     assert {result["kernels_unset"][k] for k in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")} == {False}

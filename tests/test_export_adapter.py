@@ -61,7 +61,10 @@ def test_rank_b_adapter_matches_training_model(trained, tmp_path, b):
 
 
 def test_patterns_and_rslora_reproduced(export_base, tmp_path):
-    """Per-module rank/alpha (rank_pattern/alpha_pattern) and rsLoRA: plain and vLLM form both exact."""
+    """Per-module rank/alpha (rank_pattern/alpha_pattern) and rsLoRA: plain and padded form both exact.
+
+    vLLM honours the patterns, so the --vllm export is the plain one (checked, not changed).
+    """
     model = lora_model(
         export_base, rank_pattern={"q_proj": 4, "down_proj": 6}, alpha_pattern={"v_proj": 32}, use_rslora=True
     )
@@ -72,13 +75,17 @@ def test_patterns_and_rslora_reproduced(export_base, tmp_path):
         assert config(plain)["rank_pattern"] == {"q_proj": min(4, b), "down_proj": min(6, b)}
         assert (peft_logits(export_base, plain) - expected).abs().max().item() < TOL
         served = export_adapter(src, tmp_path / f"vllm{b}", b, vllm=True)
-        cfg = config(served)
-        assert cfg["rank_pattern"] == {} and cfg["alpha_pattern"] == {} and cfg["r"] in (1, 8)
-        assert all(t.shape[0] == cfg["r"] or t.shape[1] == cfg["r"] for t in weights(served).values())
-        assert (peft_logits(export_base, served) - expected).abs().max().item() < TOL
+        assert config(served) == config(plain)
+        assert weights(served).keys() == weights(plain).keys()
+        assert all(torch.equal(t, weights(plain)[k]) for k, t in weights(served).items())
+        pad = export_adapter(src, tmp_path / f"pad{b}", b, pad_to=R_MAX, vllm=True)
+        cfg = config(pad)
+        assert cfg["rank_pattern"] == {} and cfg["alpha_pattern"] == {} and cfg["r"] == R_MAX
+        assert all(t.shape[0] == cfg["r"] or t.shape[1] == cfg["r"] for t in weights(pad).values())
+        assert (peft_logits(export_base, pad) - expected).abs().max().item() < TOL
     # v_proj's own scale (alpha 32) was folded into its lora_B: 32/16 = 2x the shared scale
     key = "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"
-    assert torch.allclose(weights(served)[key], 2 * weights(plain)[key])
+    assert torch.allclose(weights(pad)[key][:, :b], 2 * weights(plain)[key])
 
 
 def test_4bit_base(export_base, tmp_path):
@@ -104,7 +111,8 @@ def test_padded_equals_unpadded(trained, tmp_path):
             assert t.shape[1] == 16 and not t[:, b:].any()
     diff = (peft_logits(trained.base_dir, pad) - peft_logits(trained.base_dir, plain)).abs().max().item()
     assert diff < TOL
-    assert config(export_adapter(trained.adapter_dir, tmp_path / "v", b, vllm=True))["r"] == 8
+    # vLLM loads any r up to its --max-lora-rank: --vllm alone does not pad
+    assert config(export_adapter(trained.adapter_dir, tmp_path / "v", b, vllm=True))["r"] == b
 
 
 def test_provenance(trained, tmp_path):
@@ -131,7 +139,7 @@ def test_cli_multi_rank_vllm(trained, tmp_path):
     res = cli("export", "adapter", trained.adapter_dir, "--ranks", "2,4,8", "--vllm", "--name", "gsm", "--out", out)
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in out.iterdir()) == ["rank-2", "rank-4", "rank-8"]
-    assert [config(out / f"rank-{b}")["r"] for b in (2, 4, 8)] == [8, 8, 8]
+    assert [config(out / f"rank-{b}")["r"] for b in (2, 4, 8)] == [2, 4, 8]  # not padded
     line = res.output.strip().splitlines()[-1]
     mods = " ".join(f"gsm-r{b}={(out / f'rank-{b}').resolve()}" for b in (2, 4, 8))
     assert line == f"vllm serve {trained.base_dir} --enable-lora --lora-modules {mods} --max-lora-rank 8 --max-loras 3"
@@ -159,6 +167,60 @@ def test_vllm_rules(export_base, tmp_path):
     out = export_adapter(src, tmp_path / "p", 3)
     assert "base_model.model.lm_head.weight" in weights(out)
     assert (peft_logits(export_base, out) - logits(model, 3)).abs().max().item() < TOL
+
+
+def _rebased(src: Path, dst: Path, base) -> Path:
+    shutil.copytree(src, dst)
+    cfg = config(dst)
+    cfg["base_model_name_or_path"] = str(base)
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_vllm_checks_shapes_against_the_base(trained, tmp_path):
+    """vLLM loads an adapter made for another model size silently, so --vllm refuses it before writing."""
+    from qdylora.testing import make_tiny_model
+
+    wider = make_tiny_model(tmp_path / "wider", "llama", hidden=128)
+    src = _rebased(trained.adapter_dir, tmp_path / "src", wider)
+    res = cli("export", "adapter", src, "--rank", "3", "--vllm", "--out", tmp_path / "new" / "v")
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert "of shape" in lines[0] and "another model size" in lines[0] and str(wider) in lines[0]
+    assert not (tmp_path / "new").exists()
+    assert cli("export", "adapter", src, "--rank", "3", "--out", tmp_path / "plain").exit_code == 0  # PEFT form: no check
+
+    # the right base: checked and recorded; a base not on this machine: said so, still exported
+    res = cli("export", "adapter", trained.adapter_dir, "--rank", "3", "--vllm", "--out", tmp_path / "ok")
+    assert res.exit_code == 0 and f"shapes match {(trained.base_dir / 'config.json').resolve()}" in res.output
+    assert read_export_info(tmp_path / "ok")["vllm"]["base_config_checked"] == str((trained.base_dir / "config.json").resolve())
+    away = _rebased(trained.adapter_dir, tmp_path / "away", tmp_path / "not-here")
+    res = cli("export", "adapter", away, "--rank", "3", "--vllm", "--out", tmp_path / "unchecked")
+    assert res.exit_code == 0 and "NOT checked against the base" in res.output, res.output
+    assert read_export_info(tmp_path / "unchecked")["vllm"]["base_config_checked"] is None
+
+
+@pytest.mark.parametrize(
+    "change, refused",
+    [
+        ({}, None),
+        ({"use_rslora": True, "rank_pattern": {"q_proj": 2}, "alpha_pattern": {"v_proj": 32}}, None),
+        ({"modules_to_save": ["score"]}, None),
+        ({"init_lora_weights": "gaussian"}, None),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"use_dora": True}, "DoRA"),
+        ({"bias": "all"}, "biases"),
+        ({"lora_bias": True}, "biases"),
+        ({"init_lora_weights": "pissa"}, "init_lora_weights"),
+        ({"layer_replication": [[0, 1]]}, "layer_replication"),
+    ],
+)
+def test_vllm_rules_copy(change, refused):
+    """qdylora's copy of vLLM's PEFTHelper rules (used when vLLM is not installed; test_vllm_real compares the two)."""
+    from qdylora.exporters.vllm import _config_problems
+
+    problems = _config_problems({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], **change})
+    assert (refused is None and problems == []) or (len(problems) == 1 and refused in problems[0])
 
 
 def test_overwrite(trained, tmp_path):

@@ -1,8 +1,9 @@
 """Ship one rank of a QDyLoRA adapter: as a standard PEFT/vLLM adapter, or merged into the base.
 
 - `export_adapter(adapter_dir, out_dir, rank)`: lora_A[:b], lora_B[:, :b], r = b, same
-  lora_alpha; loads with plain `PeftModel.from_pretrained`. `vllm=True` checks vLLM's rules
-  and pads to an allowed max_lora_rank. `export_adapters` writes several ranks at once.
+  lora_alpha; loads with plain `PeftModel.from_pretrained` and in vLLM. `vllm=True` first
+  checks vLLM's rules and the shapes against the base (vLLM does not); `pad_to` zero-pads.
+  `export_adapters` writes several ranks at once.
 - `export_merged(adapter_dir, out_dir, rank)`: a standalone transformers model folder,
   merged one base shard at a time.
 """

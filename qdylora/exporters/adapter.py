@@ -5,7 +5,7 @@ Two methods: `prefix` (lora_A[:b], lora_B[:, :b]: the rank QDyLoRA trained) and 
 adapter, qdylora-trained or not).
 
 The result is an ordinary `adapter_config.json` + `adapter_model.safetensors` that
-`PeftModel.from_pretrained` (and vLLM, with `vllm=True`) loads with no qdylora code,
+`PeftModel.from_pretrained` and vLLM load with no qdylora code (`vllm=True` checks it first),
 plus `qdylora_export.json` saying where it came from. PEFT and vLLM never read that
 file, so the config they load is untouched.
 """
@@ -25,7 +25,7 @@ from ..config import write_json_atomic
 from ..errors import InputError
 from .source import WEIGHTS_NAME, SourceAdapter
 from .staging import staged_output
-from .vllm import VLLM_RANKS, check_vllm, padded, vllm_rank
+from .vllm import VLLM_RANKS, check_vllm, padded
 
 EXPORT_INFO = "qdylora_export.json"
 
@@ -65,9 +65,13 @@ def export_adapter(
         out_dir: The folder to create (written to a temporary folder, then renamed).
         rank: The rank b, from r_min to r_max, or "recommended" (the recorded sweep's pick).
         pad_to: Zero-pad every module to this rank, with alpha rescaled so the output is
-            unchanged (and per-module scales folded into lora_B).
-        vllm: Check the adapter against vLLM's rules and pad to the smallest allowed
-            max_lora_rank >= b unless `pad_to` says otherwise.
+            unchanged (and per-module scales folded into lora_B). Never needed by vLLM,
+            which loads any r up to its --max-lora-rank; with `vllm`, it must be an allowed
+            --max-lora-rank.
+        vllm: Before writing, check the export against vLLM's rules (vLLM's own PEFTHelper
+            when installed) and its shapes against the base's config.json (when the base
+            is on this machine), since vLLM loads an adapter for another model size
+            silently; record the check and the --max-lora-rank to serve with.
         overwrite: Replace an existing `out_dir`.
         force: Prefix-cut an adapter without qdylora_config.json (a plain LoRA adapter; its
             lower ranks were never trained, so its prefixes are unlikely to be any good).
@@ -81,10 +85,9 @@ def export_adapter(
     source = SourceAdapter.open(adapter_dir, force=force, method=method)
     b, method = source.resolve(rank, method)
     target = _pad_target(b, pad_to, vllm)
-    if vllm:
-        check_vllm(source)
+    served = check_vllm(source, [exported_config(source, b, target)]) if vllm else None
     with staged_output(out_dir, overwrite=overwrite, protect=[adapter_dir]) as tmp:
-        write_rank(source, b, tmp, pad_to=target, vllm=vllm, method=method)
+        write_rank(source, b, tmp, pad_to=target, vllm=served, method=method)
     return Path(out_dir)
 
 
@@ -113,13 +116,12 @@ def export_adapters(
     if not wanted:
         raise InputError("no ranks to export")
     targets = {b: _pad_target(b, pad_to, vllm) for b in wanted}
-    if vllm:
-        check_vllm(source)
+    served = check_vllm(source, [exported_config(source, b, targets[b]) for b in wanted]) if vllm else None
     out = Path(out_dir)
     with staged_output(out_dir, overwrite=overwrite, protect=[adapter_dir]) as tmp:
         for b in wanted:
             (tmp / rank_folder(b)).mkdir()
-            write_rank(source, b, tmp / rank_folder(b), pad_to=targets[b], vllm=vllm, method=method)
+            write_rank(source, b, tmp / rank_folder(b), pad_to=targets[b], vllm=served, method=method)
     return {b: out / rank_folder(b) for b in wanted}
 
 
@@ -134,10 +136,11 @@ def write_rank(
     folder: Path,
     *,
     pad_to: int | None = None,
-    vllm: bool = False,
+    vllm: dict | None = None,
     method: str = "prefix",
 ) -> ExportedAdapter:
-    """Write the rank-`rank` cut (`method`: prefix or svd) of `source` into the existing folder `folder`."""
+    """Write the rank-`rank` cut (`method`: prefix or svd) of `source` into the existing folder `folder`
+    (`vllm`: check_vllm's record, stored in qdylora_export.json)."""
     if pad_to is None:
         tensors = {k: source.tensors[k] for k in source.extra_keys}
         for pair in source.rank_pairs(rank, method):
@@ -159,14 +162,22 @@ def write_rank(
     return ExportedAdapter(folder, rank, int(config["r"]), float(config["lora_alpha"]), pad_to)
 
 
+def exported_config(source: SourceAdapter, rank: int, pad_to: int | None) -> dict[str, Any]:
+    """The adapter_config.json `write_rank` writes for the rank-`rank` cut (padded to `pad_to` if given)."""
+    return source.rank_config(rank) if pad_to is None else padded(source, rank, pad_to)[1]
+
+
 def _pad_target(rank: int, pad_to: int | None, vllm: bool) -> int | None:
     if pad_to is not None:
         if not isinstance(pad_to, int) or isinstance(pad_to, bool) or pad_to < rank:
             raise InputError(f"pad_to must be an integer >= the rank {rank}, got {pad_to!r}")
         if vllm and pad_to not in VLLM_RANKS:
-            raise InputError(f"vLLM's max_lora_rank must be one of {list(VLLM_RANKS)}, so pad_to={pad_to} is not usable")
+            raise InputError(
+                f"vLLM's max_lora_rank must be one of {list(VLLM_RANKS)}, so pad_to={pad_to} is not usable "
+                "(vLLM needs no padding: drop --pad-to)"
+            )
         return pad_to
-    return vllm_rank(rank) if vllm else None
+    return None
 
 
 def read_export_info(folder: str | os.PathLike) -> dict[str, Any]:

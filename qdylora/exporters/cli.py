@@ -46,8 +46,8 @@ def _ranks(rank: str | None, ranks: str | None) -> list[int | str] | None:
 @click.option("--rank", default=None, help="Rank b to export (r_min..r_max), or 'recommended' (the sweep's pick).")
 @click.option("--ranks", default=None, help="Several ranks, e.g. 2,8,16: one subfolder OUT/rank-<b> per rank.")
 @click.option("--out", required=True, type=click.Path(), help="Folder to create.")
-@click.option("--vllm", is_flag=True, help="Check vLLM's rules, pad to an allowed max_lora_rank, print the serve line.")
-@click.option("--pad-to", type=int, default=None, help="Zero-pad to this rank (alpha rescaled; output unchanged).")
+@click.option("--vllm", is_flag=True, help="Check vLLM's rules and the shapes against the base first; print the serve line.")
+@click.option("--pad-to", type=int, default=None, help="Zero-pad to this rank (alpha rescaled; output unchanged; vLLM does not need it).")
 @click.option("--name", default=None, help="Name of the adapter in the vllm serve line (default: ADAPTER_DIR's name).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--force", is_flag=True, help="Prefix-cut an adapter without qdylora_config.json (not trained with qdylora).")
@@ -74,6 +74,10 @@ def adapter(adapter_dir: str, rank, ranks, out: str, vllm: bool, pad_to, name, o
             f"{stem}-r{info['rank']}" if len(infos) > 1 else stem: Path(path).resolve() for path, info in infos.items()
         }
         base = next(iter(infos.values()))["base_model"]
+        check = next(iter(infos.values()))["vllm"]
+        shapes = check["base_config_checked"]
+        click.echo(f"checked by {check['rules']}; shapes "
+                   + (f"match {shapes}" if shapes else f"NOT checked against the base: {check['base_config_not_checked_because']}"))
         click.echo("serve with:")
         click.echo(serve_command(base, served, max(info["r"] for info in infos.values())))
 

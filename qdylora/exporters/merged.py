@@ -198,9 +198,7 @@ def plan_edits(source: SourceAdapter, rank: int, base: BaseCheckpoint, method: s
 
     for pair in source.rank_pairs(rank, method):
         m = pair.module
-        out_f, in_f = pair.b.shape[0], pair.a.shape[1]
-        shape = (in_f, out_f) if (m.embedding or fan_in_fan_out) else (out_f, in_f)
-        require(m.name + ".weight", shape, f"the LoRA layer {m.name}")
+        require(m.name + ".weight", source.base_weight_shape(m), f"the LoRA layer {m.name}")
         edits[m.name + ".weight"] = _add_delta(pair, transpose=m.embedding or fan_in_fan_out)
         if pair.bias is not None:
             require(m.name + ".bias", tuple(pair.bias.shape), f"the LoRA bias of {m.name}")

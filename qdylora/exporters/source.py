@@ -221,6 +221,16 @@ class SourceAdapter:
                 a, bt = a[:b], bt[:, :b]
             yield RankPair(module=m, rank=b, a=a, b=bt, bias=bias, scale=scale)
 
+    def base_weight_shape(self, module: LoraModule) -> tuple[int, int]:
+        """The shape the base layer's weight must have for `module`'s lora_A/lora_B.
+
+        (out, in) for nn.Linear; (in, out) for an embedding (lora_embedding_A is r x vocab)
+        and for fan_in_fan_out layers (GPT-2's Conv1D).
+        """
+        out_f, in_f = self.tensors[module.b_key].shape[0], self.tensors[module.a_key].shape[1]
+        transposed = module.embedding or bool(self.peft_config.get("fan_in_fan_out"))
+        return (in_f, out_f) if transposed else (out_f, in_f)
+
     def rank_config(self, rank: int) -> dict[str, Any]:
         """adapter_config.json of the rank-b cut: r and rank_pattern capped at b, alphas kept."""
         config = dict(self.peft_config)

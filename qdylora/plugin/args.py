@@ -86,7 +86,7 @@ class QDyLoraArgs(BaseModel):
     )
     qdylora_export_vllm: bool = Field(
         default=False,
-        description="Make the exports vLLM-ready: check vLLM's rules and zero-pad each to an allowed max_lora_rank.",
+        description="Check each export for vLLM before writing it (vLLM's rules, shapes against the base) and log the vllm serve line.",
     )
 
     @model_validator(mode="before")
