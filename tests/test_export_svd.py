@@ -159,9 +159,12 @@ def test_rank_and_alpha_patterns(export_base, tmp_path, use_rslora):
         assert rel(got[name], top_b(delta, min(b, r))) < REL, name
     expected = dense_logits(export_base, src, b)
     assert (peft_logits(export_base, out) - expected).abs().max().item() < ATOL
-    vllm = export_adapter(src, tmp_path / "vllm", b, method="svd", vllm=True)
-    assert adapter_config(vllm)["r"] == 8 and adapter_config(vllm)["rank_pattern"] == {}
+    vllm = export_adapter(src, tmp_path / "vllm", b, method="svd", vllm=True)  # vLLM takes it unpadded
+    assert adapter_config(vllm)["r"] == b and adapter_config(vllm)["rank_pattern"] == {"q_proj": 4}
     assert (peft_logits(export_base, vllm) - expected).abs().max().item() < ATOL
+    padded = export_adapter(src, tmp_path / "pad", b, method="svd", vllm=True, pad_to=8)  # one shape, same output
+    assert adapter_config(padded)["r"] == 8 and adapter_config(padded)["rank_pattern"] == {}
+    assert (peft_logits(export_base, padded) - expected).abs().max().item() < ATOL
 
 
 def test_multi_rank_and_merged(trained, tmp_path):
@@ -175,7 +178,8 @@ def test_multi_rank_and_merged(trained, tmp_path):
     assert "vllm serve" in res.output and "--max-lora-rank 8" in res.output
     for b in (1, 5):
         folder = tmp_path / "vllm" / f"rank-{b}"
-        assert read_export_info(folder)["method"] == "svd" and read_export_info(folder)["vllm"] is True
+        info = read_export_info(folder)
+        assert info["method"] == "svd" and info["vllm"]["max_lora_rank"] == 8
         got = peft_logits(trained.base_dir, folder)
         assert (got - dense_logits(trained.base_dir, trained.adapter_dir, b)).abs().max().item() < ATOL
     res = cli("export", "merged", trained.adapter_dir, "--rank", 3, "--method", "svd", "--dtype", "float32",
