@@ -159,14 +159,20 @@ def planted_delta(out_f: int, in_f: int, rank: int, top: float, decay: float, ge
     return (u * s) @ v.T, s
 
 
-def build_teacher(base_dir: Path, *, rank: int, size: float, decay: float, seed: int):
-    """(teacher fp32 model, {layer: delta}, {layer: spectrum}); teacher W = dequant(NF4(W)) + delta."""
+def build_teacher(base_dir: Path, *, rank: int, size: float, decay: float, seed: int, fp32_base: bool = False):
+    """(teacher fp32 model, {layer: delta}, {layer: spectrum}); teacher W = dequant(NF4(W)) + delta.
+
+    With `fp32_base` the student base is the fp32 model itself and the teacher W = W + delta.
+    """
     from transformers import AutoModelForCausalLM
 
-    student = load_model(str(base_dir), prepare_for_training=False)
-    w0 = {n: dequantized_weight(m).float().clone() for n, m in target_linears(student).items()}
-    del student
     teacher = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, use_safetensors=True)
+    if fp32_base:
+        w0 = {n: m.weight.detach().clone() for n, m in target_linears(teacher).items()}
+    else:
+        student = load_model(str(base_dir), prepare_for_training=False)
+        w0 = {n: dequantized_weight(m).float().clone() for n, m in target_linears(student).items()}
+        del student
     gen = torch.Generator().manual_seed(10_000 + seed)
     deltas, spectra = {}, {}
     linears = target_linears(teacher)
@@ -194,11 +200,11 @@ def make_task(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     base = write_base(work / "base", vocab=args.vocab, hidden=args.hidden, layers=args.layers,
                       init_range=args.init_range, seed=args.task_seed)
     teacher, deltas, spectra = build_teacher(base, rank=args.plant_rank, size=args.plant_size,
-                                             decay=args.plant_decay, seed=args.task_seed)
+                                             decay=args.plant_decay, seed=args.task_seed, fp32_base=args.fp32_base)
     gen = torch.Generator().manual_seed(20_000 + args.task_seed)
     train_ids = torch.randint(0, args.vocab, (args.train_seqs, args.seq_len), generator=gen)
     eval_ids = torch.randint(0, args.vocab, (args.eval_seqs, args.seq_len), generator=gen)
-    task = {"base": base, "deltas": deltas, "spectra": spectra,
+    task = {"base": base, "load_in_4bit": not args.fp32_base, "deltas": deltas, "spectra": spectra,
             "train_ids": train_ids, "train_logp": teacher_logprobs(teacher, train_ids),
             "eval_ids": eval_ids, "eval_logp": teacher_logprobs(teacher, eval_ids)}
     del teacher
@@ -321,7 +327,7 @@ def train(task: dict[str, Any], args: argparse.Namespace, seed: int, *, r: int, 
 
     KLTrainer, KLQDyLoraTrainer = _trainer_classes()
     recipe = recipe or {}
-    model = load_model(str(task["base"]))
+    model = load_model(str(task["base"]), load_in_4bit=task["load_in_4bit"])
     torch.manual_seed(seed)
     use_rslora = bool(recipe.get("matryoshka"))
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=ALPHA, lora_dropout=0.0,
@@ -481,10 +487,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--plant-rank", type=int, default=32)
     run.add_argument("--plant-size", type=float, default=1.0, help="top planted singular value / sigma_1(W0)")
     run.add_argument("--plant-decay", type=float, default=1.0, help="s_k proportional to (k+1)^-decay")
+    run.add_argument("--fp32-base", action="store_true",
+                     help="student base in fp32 instead of NF4 (the issue's first measurement)")
     run.add_argument("--task-seed", type=int, default=0, help="base, planted delta and sequences")
     run.add_argument("--out", default=str(RESULTS / "planted.json"))
+    run.add_argument("--title", default="Main experiment: the default setting")
     rep = sub.add_parser("report", help="write planted.md and planted.png from planted.json")
-    rep.add_argument("--json", default=str(RESULTS / "planted.json"))
+    rep.add_argument("--json", nargs="+", default=None,
+                     help="results files, main first (default: results/planted.json, then results/planted.*.json)")
+    rep.add_argument("--md", default=str(RESULTS / "planted.md"))
+    rep.add_argument("--findings", default=str(RESULTS / "planted.findings.md"),
+                     help="hand-written conclusions put at the top of the report (if the file exists)")
     args = p.parse_args(argv)
     if args.command == "run":
         args.ranks = [int(x) for x in args.ranks.split(",")]
@@ -520,13 +533,14 @@ def main_run(args: argparse.Namespace) -> None:
 
 
 def _zero_shot(task: dict[str, Any]) -> float:
-    model = load_model(str(task["base"]), prepare_for_training=False)
+    model = load_model(str(task["base"]), load_in_4bit=task["load_in_4bit"], prepare_for_training=False)
     return excess(model, task)
 
 
 def _meta(args: argparse.Namespace, zero: float) -> dict[str, Any]:
-    settings = {k: v for k, v in vars(args).items() if k not in ("command", "out")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("command", "out", "title")}
     return {
+        "title": args.title,
         "zero_shot_excess": zero,
         "settings": settings,
         "command": "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "(unset)") + " python benchmarks/planted.py "
@@ -538,16 +552,18 @@ def _meta(args: argparse.Namespace, zero: float) -> dict[str, Any]:
 
 
 # -- report -----------------------------------------------------------------------------------
-def write_report(data: dict[str, Any], md_path: Path, png_path: Path, title: str = "Planted-rank yardstick") -> None:
+def section(data: dict[str, Any], title: str) -> list[str]:
+    """The markdown of one experiment (one results file)."""
     ranks = [str(b) for b in data["ranks"]]
     arms = data["arms"]
-    lines = [f"# {title}", "", f"Command: `{data['command']}`", "",
+    lines = [f"## {title}", "", f"Command: `{data['command']}` (finished {data['finished']})", "",
              f"Machine: {data['machine']}. Seeds {data['seeds']}: each cell is mean ± half the spread "
              f"(max-min)/2 over seeds of the held-out excess KL over the teacher (lower is better). "
              f"Zero-shot (no adapter) excess: {data['zero_shot_excess']:.5f}. Cost: CPU seconds relative to "
              "one plain r_max run (process time, cores shared with other jobs).", ""]
     s = data["settings"]
-    lines += [f"Task: vocab {s['vocab']}, hidden {s['hidden']}, {s['layers']} layers, planted rank {s['plant_rank']}, "
+    lines += [f"Task: {'fp32' if s.get('fp32_base') else 'NF4'} student base, vocab {s['vocab']}, hidden {s['hidden']}, "
+              f"{s['layers']} layers, planted rank {s['plant_rank']}, "
               f"size {s['plant_size']}, decay {s['plant_decay']}; {s['steps']} steps x batch {s['batch']} x "
               f"{s['seq_len']} tokens, LR {s['lr']}, r_max {s['r_max']}, alpha {ALPHA}.", ""]
     if "dedicated" in arms:
@@ -577,8 +593,22 @@ def write_report(data: dict[str, Any], md_path: Path, png_path: Path, title: str
         beats = [n for n, a in arms.items() if n not in ("dedicated", "lora_rmax_svd")
                  and all(a["ranks"][b] < svd[b] for b in ranks)]
         lines += ["One-run arms below lora_rmax_svd at every rank (means): " + (", ".join(beats) or "none") + ".", ""]
+    return lines
+
+
+def write_report(files: list[Path], md_path: Path, png_path: Path, findings: Path | None = None) -> None:
+    """planted.md: one section per results file (the first is the main experiment, plotted)."""
+    lines = ["# Planted-rank yardstick (issue 12, section 1)", "",
+             "Written by `python benchmarks/planted.py report` from the results files named in each section; "
+             "the task, the arms and AURAC are defined in the docstring of benchmarks/planted.py.", ""]
+    if findings is not None and findings.is_file():
+        lines += findings.read_text().splitlines() + [""]
+    datas = [json.loads(f.read_text()) for f in files]
+    for f, data in zip(files, datas):
+        title = data.get("title") or ("Main experiment: the default setting" if f.name == "planted.json" else f.name)
+        lines += section(data, title + f" (`{f.name}`)")
     md_path.write_text("\n".join(lines) + "\n")
-    plot(data, png_path)
+    plot(datas[0], png_path)
 
 
 def plot(data: dict[str, Any], png_path: Path) -> None:
@@ -611,10 +641,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "run":
         main_run(args)
         out = Path(args.out)
-        write_report(json.loads(out.read_text()), out.with_suffix(".md"), out.with_suffix(".png"))
+        write_report([out], out.with_suffix(".md"), out.with_suffix(".png"))
     else:
-        js = Path(args.json)
-        write_report(json.loads(js.read_text()), js.with_suffix(".md"), js.with_suffix(".png"))
+        files = [Path(f) for f in args.json] if args.json else \
+            [RESULTS / "planted.json"] + sorted(RESULTS.glob("planted.*.json"))
+        md = Path(args.md)
+        write_report(files, md, md.with_suffix(".png"), Path(args.findings))
+        print(md.read_text())
 
 
 if __name__ == "__main__":
