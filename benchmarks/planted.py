@@ -108,9 +108,9 @@ def recipes() -> dict[str, dict[str, Any]]:
     }
 
 
-ARM_ORDER = ["dedicated", "lora_rmax_prefix", "lora_rmax_svd", "paper", "paper+svd", "balanced", "balanced+svd",
-             "lw_anchor", "lw_anchor+svd", "matryoshka", "matryoshka+svd", "const_scale", "const_scale+svd",
-             "lw_anchor_both", "lw_anchor_both+svd"]
+TRAINED = ["paper", "balanced", "lw_anchor", "matryoshka", "const_scale", "lw_anchor_both"]
+ARM_ORDER = ["dedicated", "lora_rmax_prefix", "lora_rmax_svd", "lora_rmax_asvd"] + \
+    [f"{n}{cut}" for n in TRAINED for cut in ("", "+svd", "+asvd")]
 
 
 # -- the metric ------------------------------------------------------------------------------
@@ -289,21 +289,64 @@ def matryoshka_p(r_max: int, train_ranks: list[int], alpha: float) -> torch.Tens
 
 
 # -- SVD truncation, swapped in ---------------------------------------------------------------
+def whitened_truncate(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, rank: int, out_scale: float,
+                      cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation-aware rank-`rank` pair: minimises E||(D - D_b) x||^2 for inputs x with E[x x^T] = cov.
+
+    With C^(1/2) the symmetric root of cov (plus 1e-6 * mean eigenvalue, so it inverts), the
+    optimum is D_b = top-b SVD(D C^(1/2)) C^(-1/2): `svd_truncate` of (A C^(1/2), B), then
+    A' = A'' C^(-1/2). cov = identity gives exactly `svd_truncate`.
+    """
+    c = cov.double()
+    evals, q = torch.linalg.eigh(c + 1e-6 * float(c.diagonal().mean()) * torch.eye(len(c), dtype=c.dtype))
+    evals = evals.clamp_min(1e-300)
+    root, inv_root = (q * evals.sqrt()) @ q.T, (q * evals.rsqrt()) @ q.T
+    new_a, new_b = svd_truncate(lora_a.detach().double() @ root, lora_b, scale, rank, out_scale)
+    return (new_a.double() @ inv_root).to(lora_a.dtype).contiguous(), new_b.to(lora_b.dtype)
+
+
+@torch.no_grad()
+def input_covariances(model: torch.nn.Module, ids: torch.Tensor, batch: int = 64) -> dict[str, torch.Tensor]:
+    """E[x x^T] of each LoRA layer's input, the model at full rank, on calibration sequences `ids`."""
+    dr = DynamicRank.of(model)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    handles = []
+    for name, layer in lora_layers(dr.model, dr.adapter_name):
+        def pre(m, inputs, name=name):
+            x = inputs[0].detach().flatten(0, -2).double()
+            sums[name] = sums.get(name, 0) + x.T @ x
+            counts[name] = counts.get(name, 0) + len(x)
+        handles.append(layer.register_forward_pre_hook(pre))
+    try:
+        model.eval()
+        for i in range(0, len(ids), batch):
+            model(input_ids=ids[i:i + batch])
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: sums[n] / counts[n] for n in sums}
+
+
 @contextlib.contextmanager
-def svd_at_rank(model: torch.nn.Module, b: int):
+def svd_at_rank(model: torch.nn.Module, b: int, covs: dict[str, torch.Tensor] | None = None):
     """Run at rank b with each layer's delta replaced by its top-b SVD (exactly a rank-b PEFT adapter).
 
     The r_max delta is `scaling * B @ A` with PEFT's scaling at r_max; svd_truncate's A', B'
     go into the first b rows/columns and rank_scope(b) applies lora_scale(alpha, b) to them.
+    With `covs` (layer name -> input covariance) the activation-aware `whitened_truncate` is used.
     """
     dr = DynamicRank.of(model)
     saved = []
-    for _, layer in lora_layers(dr.model, dr.adapter_name):
+    for name, layer in lora_layers(dr.model, dr.adapter_name):
         a, bb = layer.lora_A[dr.adapter_name].weight, layer.lora_B[dr.adapter_name].weight
         r = a.shape[0]
         scale = layer.scaling[dr.adapter_name]
         out_scale = lora_scale(layer.lora_alpha[dr.adapter_name], b, dr.use_rslora)
-        new_a, new_b = svd_truncate(a, bb, scale, b, out_scale)
+        if covs is None:
+            new_a, new_b = svd_truncate(a, bb, scale, b, out_scale)
+        else:
+            new_a, new_b = whitened_truncate(a, bb, scale, b, out_scale, covs[name])
         saved.append((a, bb, a.detach().clone(), bb.detach().clone()))
         with torch.no_grad():
             a[:b].copy_(new_a)
@@ -365,14 +408,19 @@ def train(task: dict[str, Any], args: argparse.Namespace, seed: int, *, r: int, 
     return model, cpu, wall, hooks, loss
 
 
-def measure(model, task, ranks: list[int], *, svd: bool, hooks: RowScale | None) -> dict[str, float]:
+CALIBRATION_SEQS = 128  # the first training sequences: activation-aware SVD never sees the held-out set
+
+
+def measure(model, task, ranks: list[int], *, svd: bool, hooks: RowScale | None, asvd: bool = False):
+    """{rank: excess}; svd / asvd: SVD (activation-aware) truncation of the r_max delta."""
     out = {}
     saved = hooks.fn if hooks is not None else None
+    covs = input_covariances(model, task["train_ids"][:CALIBRATION_SEQS]) if asvd else None
     for b in ranks:
-        if svd:
+        if svd or asvd:
             if hooks is not None:
                 hooks.fn = None  # the r_max delta is scaling(r_max) * B A for every recipe here
-            with svd_at_rank(model, b):
+            with svd_at_rank(model, b, covs):
                 out[str(b)] = excess(model, task)
             if hooks is not None:
                 hooks.fn = saved
@@ -395,6 +443,9 @@ def run_seed(task: dict[str, Any], args: argparse.Namespace, seed: int, arms: li
     c0 = time.process_time()
     res["lora_rmax_svd"] = {"ranks": measure(model, task, ranks, svd=True, hooks=None)}
     res["lora_rmax_svd"]["cpu"] = cpu_plain + _svd_cpu(model, ranks)
+    if "lora_rmax_asvd" in arms:
+        res["lora_rmax_asvd"] = {"ranks": measure(model, task, ranks, svd=False, asvd=True, hooks=None),
+                                 "cpu": cpu_plain + _svd_cpu(model, ranks, task)}
     del model
     gc.collect()
     _ = c0
@@ -415,13 +466,16 @@ def run_seed(task: dict[str, Any], args: argparse.Namespace, seed: int, arms: li
         res["dedicated"] = {"ranks": ded, "cpu": cpu_total}
 
     for name, recipe in recipes().items():
-        if name not in arms and f"{name}+svd" not in arms:
+        if not {name, f"{name}+svd", f"{name}+asvd"} & set(arms):
             continue
         model, cpu, wall, hooks, loss = train(task, args, seed, r=r_max, recipe=recipe)
         print(f"{tag} {name}: {cpu:.1f}s CPU ({wall:.1f}s wall), train KL {loss:.5f}", flush=True)
         res[name] = {"ranks": measure(model, task, ranks, svd=False, hooks=hooks), "cpu": cpu}
         res[f"{name}+svd"] = {"ranks": measure(model, task, ranks, svd=True, hooks=hooks),
                               "cpu": cpu + _svd_cpu(model, ranks)}
+        if f"{name}+asvd" in arms:
+            res[f"{name}+asvd"] = {"ranks": measure(model, task, ranks, svd=False, asvd=True, hooks=hooks),
+                                   "cpu": cpu + _svd_cpu(model, ranks, task, hooks)}
         del model
         gc.collect()
     for name, r in res.items():
@@ -431,14 +485,24 @@ def run_seed(task: dict[str, Any], args: argparse.Namespace, seed: int, arms: li
     return {"plain_cpu_seconds": cpu_plain, "arms": res}
 
 
-def _svd_cpu(model, ranks: list[int]) -> float:
-    """CPU seconds of computing the SVD truncations (all ranks, all layers)."""
+def _svd_cpu(model, ranks: list[int], task: dict[str, Any] | None = None, hooks: RowScale | None = None) -> float:
+    """CPU seconds of computing the SVD truncations (all ranks, all layers); with `task`, the
+    activation-aware ones, calibration forward passes included."""
     dr = DynamicRank.of(model)
     c0 = time.process_time()
-    for _, layer in lora_layers(dr.model, dr.adapter_name):
+    saved = hooks.fn if hooks is not None else None
+    if hooks is not None:
+        hooks.fn = None
+    covs = input_covariances(model, task["train_ids"][:CALIBRATION_SEQS]) if task is not None else None
+    if hooks is not None:
+        hooks.fn = saved
+    for name, layer in lora_layers(dr.model, dr.adapter_name):
         a, bb = layer.lora_A[dr.adapter_name].weight, layer.lora_B[dr.adapter_name].weight
         for b in ranks:
-            svd_truncate(a, bb, layer.scaling[dr.adapter_name], b, 1.0)
+            if covs is None:
+                svd_truncate(a, bb, layer.scaling[dr.adapter_name], b, 1.0)
+            else:
+                whitened_truncate(a, bb, layer.scaling[dr.adapter_name], b, 1.0, covs[name])
     return time.process_time() - c0
 
 
@@ -577,7 +641,7 @@ def section(data: dict[str, Any], title: str) -> list[str]:
     for name, a in arms.items():
         cells = [f"{a['ranks'][b]:.5f} ± {a['half_spread'][b]:.5f}" for b in ranks]
         lines.append(f"| {name} | {'yes' if a['one_run'] else 'no'} | " + " | ".join(cells)
-                     + f" | {a['aurac']:.5f} | {a['cost']:.2f} |")
+                     + f" | {a['aurac']:.6f} | {a['cost']:.2f} |")
     lines.append("")
     if "dedicated" in arms:
         lines += ["Ratio to dedicated (mean excess / dedicated mean excess):", "",
@@ -586,8 +650,14 @@ def section(data: dict[str, Any], title: str) -> list[str]:
             lines.append(f"| {name} | " + " | ".join(f"{a['ranks'][b] / ded[b]:.2f}" for b in ranks) + " |")
         lines.append("")
     if data.get("best_one_run"):
-        lines += [f"Best one-run arm by AURAC: **{data['best_one_run']}**. Best one-run arm per rank: "
-                  + ", ".join(f"r{b}: {n}" for b, n in data["best_one_run_at_rank"].items()) + ".", ""]
+        one = [n for n, a in arms.items() if a["one_run"]]
+        near = {b: [n for n in one if arms[n]["ranks"][b] <= 1.01 * min(arms[m]["ranks"][b] for m in one)]
+                for b in ranks}
+        lines += [f"Best one-run arm by AURAC: **{data['best_one_run']}** (one-run arms within 1% of it: "
+                  + ", ".join(n for n in one if arms[n]["aurac"] <= 1.01 * arms[data["best_one_run"]]["aurac"])
+                  + "). Best one-run arm per rank (then any within 1% of it): "
+                  + "; ".join(f"r{b}: {', '.join(sorted(near[b], key=lambda n: arms[n]['ranks'][b]))}" for b in ranks)
+                  + ".", ""]
     if "lora_rmax_svd" in arms:
         svd = arms["lora_rmax_svd"]["ranks"]
         beats = [n for n, a in arms.items() if n not in ("dedicated", "lora_rmax_svd")

@@ -131,3 +131,29 @@ def test_svd_arm_equals_dense_top_b_svd_of_each_delta(task, rslora):
     for n, layer in layers:  # the r_max adapter is restored afterwards
         assert torch.equal(layer.lora_A[name].weight, before[n][0])
         assert torch.equal(layer.lora_B[name].weight, before[n][1])
+
+
+def test_activation_aware_truncation_is_optimal_for_its_inputs():
+    from qdylora.ranks import svd_truncate
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(8, 20, generator=g), torch.randn(12, 8, generator=g)
+    scale, rank, out_scale = 0.7, 3, 2.0
+    delta = scale * (b.double() @ a.double())
+    # identity covariance: exactly the plain SVD truncation
+    ia, ib = planted.whitened_truncate(a, b, scale, rank, out_scale, torch.eye(20))
+    sa, sb = svd_truncate(a, b, scale, rank, out_scale)
+    torch.testing.assert_close(out_scale * ib @ ia, out_scale * sb @ sa, rtol=1e-4, atol=1e-5)
+    # anisotropic inputs: the weighted error is the Eckart-Young tail of D C^(1/2), below the plain SVD's
+    x = torch.randn(500, 20, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 20, dtype=torch.float64)
+    cov = x.T @ x / len(x)
+    wa, wb = planted.whitened_truncate(a, b, scale, rank, out_scale, cov)
+
+    def err(d_b):
+        return float(((delta - d_b) @ x.T).square().sum() / len(x))
+
+    e_asvd, e_svd = err(out_scale * wb.double() @ wa.double()), err(out_scale * sb.double() @ sa.double())
+    evals, q = torch.linalg.eigh(cov)
+    tail = torch.linalg.svdvals(delta @ (q * evals.sqrt()) @ q.T)[rank:].square().sum()
+    assert e_asvd == pytest.approx(float(tail), rel=1e-3)
+    assert e_asvd < 0.9 * e_svd
