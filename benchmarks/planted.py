@@ -288,6 +288,39 @@ def matryoshka_p(r_max: int, train_ranks: list[int], alpha: float) -> torch.Tens
     return torch.tensor([sum(alpha / math.sqrt(r) for r in train_ranks if r > i) for i in range(r_max)])
 
 
+# -- the oracle: the planted delta itself, truncated ---------------------------------------------
+def set_planted_delta(model: torch.nn.Module, task: dict[str, Any], keep: int) -> None:
+    """Set each LoRA layer's delta to the top-`keep` SVD of the planted delta (keep 0: no delta)."""
+    dr = DynamicRank.of(model)
+    name = dr.adapter_name
+    for mod_name, layer in lora_layers(dr.model, name):
+        u, s, vh = torch.linalg.svd(task["deltas"][mod_name.split("base_model.model.", 1)[1]].double())
+        root = (s[:keep] / layer.scaling[name]).sqrt()
+        with torch.no_grad():
+            layer.lora_A[name].weight.zero_()
+            layer.lora_B[name].weight.zero_()
+            layer.lora_A[name].weight[:keep] = (root[:, None] * vh[:keep]).float()
+            layer.lora_B[name].weight[:, :keep] = (u[:, :keep] * root).float()
+
+
+def oracle(task: dict[str, Any], ranks: list[int], r_max: int) -> dict[str, float]:
+    """Excess of a student whose rank-b delta is the top-b SVD of the planted delta (no training).
+
+    The weight-space optimum per rank (Eckart-Young), a reference beside `dedicated`: a trained
+    rank-b adapter can do better in KL, since KL weighs directions unevenly.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(load_model(str(task["base"]), load_in_4bit=task["load_in_4bit"]),
+                           LoraConfig(r=r_max, lora_alpha=ALPHA, target_modules="all-linear", lora_dropout=0.0,
+                                      task_type="CAUSAL_LM"))
+    out = {}
+    for b in ranks:
+        set_planted_delta(model, task, b)
+        out[str(b)] = excess(model, task)
+    return out
+
+
 # -- SVD truncation, swapped in ---------------------------------------------------------------
 def whitened_truncate(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, rank: int, out_scale: float,
                       cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -556,6 +589,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--task-seed", type=int, default=0, help="base, planted delta and sequences")
     run.add_argument("--out", default=str(RESULTS / "planted.json"))
     run.add_argument("--title", default="Main experiment: the default setting")
+    orc = sub.add_parser("oracle", help="add the oracle row to an existing results file (its own settings)")
+    orc.add_argument("json")
     rep = sub.add_parser("report", help="write planted.md and planted.png from planted.json")
     rep.add_argument("--json", nargs="+", default=None,
                      help="results files, main first (default: results/planted.json, then results/planted.*.json)")
@@ -581,11 +616,14 @@ def main_run(args: argparse.Namespace) -> None:
         print(f"task built in {time.process_time() - c0:.1f}s CPU", flush=True)
         zero = _zero_shot(task)
         print(f"zero-shot excess {zero:.5f}", flush=True)
+        orc = oracle(task, args.ranks, args.r_max)
+        print("oracle (planted delta, top-b SVD): " + "  ".join(f"r{b} {v:.5f}" for b, v in orc.items()), flush=True)
         per_seed = {}
         for seed in seeds:
             per_seed[str(seed)] = run_seed(task, args, seed, args.arms)
             out = summarise(per_seed, args.ranks)
             out.update(_meta(args, zero))
+            out["oracle"] = orc
             out["per_seed"] = per_seed
             write_json_atomic(args.out, out)
             if "dedicated" in out["arms"]:
@@ -594,6 +632,22 @@ def main_run(args: argparse.Namespace) -> None:
                 print(f"rank matters: dedicated r{lo} / r{hi} excess = {d[lo] / d[hi]:.1f}x "
                       f"(mean over seeds so far)", flush=True)
     print(f"wrote {args.out}", flush=True)
+
+
+def main_oracle(path: Path) -> None:
+    """Rebuild the task of a results file from its settings and add the oracle row to it."""
+    data = json.loads(path.read_text())
+    s = data["settings"]
+    ns = argparse.Namespace(**{**{"fp32_base": False}, **s})
+    with tempfile.TemporaryDirectory() as work:
+        task = make_task(ns, Path(work))
+        zero = _zero_shot(task)
+        if abs(zero - data["zero_shot_excess"]) > 1e-9:
+            raise RuntimeError(f"rebuilt task differs: zero-shot {zero} vs {data['zero_shot_excess']}")
+        data["oracle"] = oracle(task, s["ranks"], s["r_max"])
+    data["oracle_command"] = f"python benchmarks/planted.py oracle {path.name}"
+    write_json_atomic(path, data)
+    print(data["oracle"])
 
 
 def _zero_shot(task: dict[str, Any]) -> float:
@@ -643,6 +697,10 @@ def section(data: dict[str, Any], title: str) -> list[str]:
         lines.append(f"| {name} | {'yes' if a['one_run'] else 'no'} | " + " | ".join(cells)
                      + f" | {a['aurac']:.6f} | {a['cost']:.2f} |")
     lines.append("")
+    if data.get("oracle"):
+        lines += ["Oracle (no training: the student's delta is the top-b SVD of the planted delta, the "
+                  "weight-space optimum at each rank): " + ", ".join(f"r{b} {data['oracle'][b]:.5f}" for b in ranks)
+                  + (f" (added by `{data['oracle_command']}`)" if data.get("oracle_command") else "") + ".", ""]
     if "dedicated" in arms:
         lines += ["Ratio to dedicated (mean excess / dedicated mean excess):", "",
                   "| arm | " + " | ".join(f"r{b}" for b in ranks) + " |", "|---|" + "---|" * len(ranks)]
@@ -695,6 +753,9 @@ def plot(data: dict[str, Any], png_path: Path) -> None:
             dict(linestyle=":" if name.endswith("+svd") else "-", marker="o", markersize=3)
         ax.plot(ranks, ys, label=name, **style)
     ax.axhline(data["zero_shot_excess"], color="grey", linewidth=0.8, label="zero-shot")
+    if data.get("oracle"):
+        ax.plot(ranks, [data["oracle"][str(b)] for b in ranks], color="grey", linestyle="-.",
+                label="oracle: planted delta, top-b SVD")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("rank b")
@@ -712,6 +773,8 @@ def main(argv: list[str] | None = None) -> None:
         main_run(args)
         out = Path(args.out)
         write_report([out], out.with_suffix(".md"), out.with_suffix(".png"))
+    elif args.command == "oracle":
+        main_oracle(Path(args.json))
     else:
         files = [Path(f) for f in args.json] if args.json else \
             [RESULTS / "planted.json"] + sorted(RESULTS.glob("planted.*.json"))

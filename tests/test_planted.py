@@ -39,21 +39,6 @@ def _layers(model):
     return dr.adapter_name, lora_layers(dr.model, dr.adapter_name)
 
 
-def _set_delta(model, task, keep):
-    """Set each LoRA layer's delta to the top-`keep` SVD of the planted delta."""
-    name, layers = _layers(model)
-    for mod_name, layer in layers:
-        key = mod_name.split("base_model.model.", 1)[1]
-        u, s, vh = torch.linalg.svd(task["deltas"][key].double())
-        scale = layer.scaling[name]
-        root = (s[:keep] / scale).sqrt()
-        with torch.no_grad():
-            layer.lora_A[name].weight.zero_()
-            layer.lora_B[name].weight.zero_()
-            layer.lora_A[name].weight[:keep] = (root[:, None] * vh[:keep]).float()
-            layer.lora_B[name].weight[:, :keep] = (u[:, :keep] * root).float()
-
-
 def test_planted_delta_has_the_requested_rank_and_spectrum(task):
     from qdylora import load_model
     from qdylora.loading import dequantized_weight
@@ -72,11 +57,11 @@ def test_planted_delta_has_the_requested_rank_and_spectrum(task):
 
 def test_student_with_the_exact_delta_has_zero_excess(task):
     model = _student(task, 16)
-    _set_delta(model, task, 0)
+    planted.set_planted_delta(model, task, 0)
     none = planted.excess(model, task)
-    _set_delta(model, task, 1)
+    planted.set_planted_delta(model, task, 1)
     one = planted.excess(model, task)
-    _set_delta(model, task, RANK)
+    planted.set_planted_delta(model, task, RANK)
     exact = planted.excess(model, task)
     assert none > 1e-3  # the planted delta matters
     assert none > one > 100 * max(exact, 1e-9)
