@@ -81,6 +81,7 @@ from qdylora.ranks import DynamicRank, lora_layers, lora_scale, svd_truncate  # 
 from qdylora.trainer_ext.trainer import QDyLoraMixin  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+EXTRAS = ["planted.fp32.json", "planted.asvd.json"]  # the report's sections after the main one, in this order
 ALPHA = 16
 
 # The training recipes. paper and balanced are QDyLoraConfig presets; lw_anchor is issue 8's
@@ -746,16 +747,24 @@ def plot(data: dict[str, Any], png_path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ranks = data["ranks"]
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(9, 6))
+    families = ["lora_rmax"] + TRAINED
+    colors = plt.get_cmap("tab10")
     for name, a in data["arms"].items():
         ys = [a["ranks"][str(b)] for b in ranks]
-        style = dict(color="black", linestyle="--", linewidth=2.5) if name == "dedicated" else \
-            dict(linestyle=":" if name.endswith("+svd") else "-", marker="o", markersize=3)
+        if name == "dedicated":
+            style = dict(color="black", linestyle="--", linewidth=2.5)
+        else:  # one colour per training run; slicing solid, +svd dotted, +asvd dash-dot
+            family = "lora_rmax" if name.startswith("lora_rmax") else name.split("+")[0]
+            cut = "svd" if name.endswith("svd") and not name.endswith("asvd") else "asvd" if name.endswith("asvd") else ""
+            style = dict(color=colors(families.index(family) % 10), marker="ox^"[["", "svd", "asvd"].index(cut)],
+                         markersize=4, linestyle={"": "-", "svd": ":", "asvd": "-."}[cut])
         ax.plot(ranks, ys, label=name, **style)
     ax.axhline(data["zero_shot_excess"], color="grey", linewidth=0.8, label="zero-shot")
-    if data.get("oracle"):
-        ax.plot(ranks, [data["oracle"][str(b)] for b in ranks], color="grey", linestyle="-.",
-                label="oracle: planted delta, top-b SVD")
+    if data.get("oracle"):  # zero (to rounding) at ranks >= the planted rank: not drawn on a log axis
+        pts = [(b, data["oracle"][str(b)]) for b in ranks if data["oracle"][str(b)] > 1e-8]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color="grey", linestyle="--", linewidth=1,
+                label="oracle: planted delta, top-b SVD (0 at r64)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("rank b")
@@ -777,7 +786,7 @@ def main(argv: list[str] | None = None) -> None:
         main_oracle(Path(args.json))
     else:
         files = [Path(f) for f in args.json] if args.json else \
-            [RESULTS / "planted.json"] + sorted(RESULTS.glob("planted.*.json"))
+            [RESULTS / "planted.json"] + sorted(RESULTS.glob("planted.*.json"), key=lambda f: (EXTRAS.index(f.name) if f.name in EXTRAS else len(EXTRAS), f.name))
         md = Path(args.md)
         write_report(files, md, md.with_suffix(".png"), Path(args.findings))
         print(md.read_text())
