@@ -84,7 +84,7 @@ from qdylora.ranks import DynamicRank, lora_layers, lora_scale, svd_truncate  # 
 from qdylora.trainer_ext.trainer import QDyLoraMixin  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-EXTRAS = ["planted.fp32.json", "planted.asvd.json"]  # the report's sections after the main one, in this order
+EXTRAS = ["planted.fp32.json", "planted.asvd.json", "planted.600steps.json"]  # the report's sections after the main one, in this order
 ALPHA = 16
 
 # The training recipes. paper and balanced are QDyLoraConfig presets; lw_anchor is issue 8's

@@ -142,3 +142,22 @@ def test_activation_aware_truncation_is_optimal_for_its_inputs():
     tail = torch.linalg.svdvals(delta @ (q * evals.sqrt()) @ q.T)[rank:].square().sum()
     assert e_asvd == pytest.approx(float(tail), rel=1e-3)
     assert e_asvd < 0.9 * e_svd
+
+
+def test_recipes_are_the_shared_ones_and_a_seed_reproduces(task):
+    from qdylora.config import PRESETS
+
+    sys.path.insert(0, str(Path(planted.__file__).parent))
+    from quality import VARIANTS
+
+    rec = planted.recipes()
+    assert list(rec) == planted.TRAINED
+    assert rec["paper"]["qdylora"] == PRESETS["paper"] and rec["balanced"]["qdylora"] == PRESETS["balanced"]
+    assert rec["lw_anchor"]["qdylora"] == VARIANTS["lw-anchor"][1]["qdylora"]
+    args = planted.parse_args(["run", "--steps", "3", "--batch", "2", "--r-max", "8"])
+    runs = []
+    for name, seed in (("lw_anchor", 0), ("lw_anchor", 0), ("lw_anchor", 1), ("matryoshka", 0)):
+        model, cpu, wall, hooks, loss = planted.train(task, args, seed, r=8, recipe=rec[name])
+        runs.append(planted.measure(model, task, [1, 8], svd=False, hooks=hooks))
+    assert runs[0] == runs[1]  # same seed, same numbers
+    assert runs[0] != runs[2] and runs[0] != runs[3]
