@@ -570,3 +570,20 @@ def test_written_files_get_the_umask_mode(world):
              *world.path("m").glob("*.safetensors")]
     assert len(files) >= 4
     assert {str(f): oct(f.stat().st_mode & 0o777) for f in files} == {str(f): oct(want) for f in files}
+
+
+def test_a_failing_sweep_after_training_keeps_the_adapter(world, monkeypatch):
+    """The adapter is saved before the sweep runs, so nothing after training can lose it."""
+    from qdylora.recipe import Recipe, run
+    from qdylora.trainer_ext.trainer import QDyLoraMixin
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("the sweep broke")
+
+    monkeypatch.setattr(QDyLoraMixin, "evaluate_ranks", broken)
+    recipe = Recipe.from_yaml(world.yaml(eval_data={"path": str(world.data)}))
+    with pytest.raises(RuntimeError, match="the sweep broke"):
+        run(recipe)
+    run_dir = world.path("run")
+    assert (run_dir / "adapter_model.safetensors").is_file() and (run_dir / "qdylora_config.json").is_file()
+    assert cli("export", "adapter", run_dir, "--rank", "2", "--out", world.path("a")).exit_code == 0
