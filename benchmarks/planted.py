@@ -81,6 +81,7 @@ from qdylora import QDyLoraConfig, load_model, rank_scope  # noqa: E402
 from qdylora.config import write_json_atomic  # noqa: E402
 from qdylora.loading import dequantized_weight  # noqa: E402
 from qdylora.ranks import DynamicRank, lora_layers, lora_scale, svd_truncate  # noqa: E402
+from qdylora.trainer_ext.sweep import aurac  # noqa: E402,F401  (the sweep's AURAC, one definition)
 from qdylora.trainer_ext.trainer import QDyLoraMixin  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -118,19 +119,9 @@ ARM_ORDER = ["dedicated", "lora_rmax_prefix", "lora_rmax_svd", "lora_rmax_asvd"]
 
 
 # -- the metric ------------------------------------------------------------------------------
-def aurac(excess: dict[int, float]) -> float:
-    """Area under the rank-loss curve over log2 ranks, divided by the log2 range (lower is better).
-
-    MatryoshkaLoRA's AURAC_v2 (metrics.py) applied to a loss: the trapezoid rule on
-    (log2 b, excess(b)) for the sorted ranks, normalised so that a flat curve at e has
-    AURAC e. One rank: its value.
-    """
-    ranks = sorted(excess)
-    if len(ranks) == 1:
-        return float(excess[ranks[0]])
-    xs = [math.log2(b) for b in ranks]
-    area = sum((xs[i + 1] - xs[i]) * (excess[ranks[i]] + excess[ranks[i + 1]]) / 2 for i in range(len(ranks) - 1))
-    return area / (xs[-1] - xs[0])
+# AURAC (MatryoshkaLoRA's AURAC_v2, metrics.py, applied to a loss: lower is better) is the
+# product's own `qdylora.trainer_ext.sweep.aurac`, imported above: the trapezoid area of the
+# metric over log2 rank divided by the log2 range, so a flat curve at e has AURAC e.
 
 
 # -- the task --------------------------------------------------------------------------------
