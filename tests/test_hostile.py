@@ -587,3 +587,17 @@ def test_a_failing_sweep_after_training_keeps_the_adapter(world, monkeypatch):
     run_dir = world.path("run")
     assert (run_dir / "adapter_model.safetensors").is_file() and (run_dir / "qdylora_config.json").is_file()
     assert cli("export", "adapter", run_dir, "--rank", "2", "--out", world.path("a")).exit_code == 0
+
+
+def test_inside_ok_allows_a_new_subfolder_of_the_input_only(world):
+    """The Axolotl plugin writes OUTPUT/exports inside its run: allowed with inside_ok, while the
+    input itself (or a folder holding it) stays refused."""
+    from qdylora.errors import InputError
+    from qdylora.exporters.staging import check_not_input
+
+    check_not_input(world.adapter / "exports", [world.adapter], inside_ok=True)  # allowed
+    with pytest.raises(InputError, match="input"):
+        check_not_input(world.adapter / "exports", [world.adapter])  # the CLI's rule: refused
+    for out in (world.adapter, world.tmp):  # is / contains the input: refused even with inside_ok
+        with pytest.raises(InputError, match="input"):
+            check_not_input(out, [world.adapter], inside_ok=True)

@@ -101,12 +101,15 @@ def export_adapters(
     overwrite: bool = False,
     force: bool = False,
     method: str | None = None,
+    inside_adapter: bool = False,
 ) -> dict[int, Path]:
     """Export several ranks of one adapter into `out_dir/rank-<b>/` (multi-LoRA serving).
 
     Every rank uses the same `method` (None: prefix, or the sweep's recommended method
     when "recommended" is among `ranks`). The whole `out_dir` appears at once, with every
-    rank in it, or not at all. Returns {rank: folder}.
+    rank in it, or not at all. `out_dir` may not be, contain or lie inside `adapter_dir`
+    unless `inside_adapter` (a subfolder of the run, as the Axolotl plugin writes).
+    Returns {rank: folder}.
     """
     source = SourceAdapter.open(adapter_dir, force=force, method=method)
     if method is None and any(isinstance(r, str) and r.strip().lower() == "recommended" for r in ranks):
@@ -118,7 +121,7 @@ def export_adapters(
     targets = {b: _pad_target(b, pad_to, vllm) for b in wanted}
     served = check_vllm(source, [exported_config(source, b, targets[b]) for b in wanted]) if vllm else None
     out = Path(out_dir)
-    with staged_output(out_dir, overwrite=overwrite, protect=[adapter_dir]) as tmp:
+    with staged_output(out_dir, overwrite=overwrite, protect=[adapter_dir], inside_ok=inside_adapter) as tmp:
         for b in wanted:
             (tmp / rank_folder(b)).mkdir()
             write_rank(source, b, tmp / rank_folder(b), pad_to=targets[b], vllm=served, method=method)

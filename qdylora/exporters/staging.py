@@ -31,17 +31,22 @@ log = logging.getLogger("qdylora")
 
 @contextlib.contextmanager
 def staged_output(
-    out_dir: str | os.PathLike, *, overwrite: bool = False, protect: Sequence[str | os.PathLike | None] = ()
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    protect: Sequence[str | os.PathLike | None] = (),
+    inside_ok: bool = False,
 ) -> Iterator[Path]:
     """Yield an empty temporary folder; on success it becomes `out_dir`, on any error it is removed.
 
     Raises `InputError` if `out_dir` exists and `overwrite` is false, if it is not a folder
     or lies under a file or an unwritable folder, or if it is, contains or lies inside one
     of the `protect` folders (the adapter being exported, the base model), which
-    `--overwrite` must never delete or change.
+    `--overwrite` must never delete or change. `inside_ok` lets the output be a new
+    subfolder of an input (the Axolotl plugin's `OUTPUT/exports`): only reading the input.
     """
     out = _target(out_dir)
-    check_not_input(out, protect)
+    check_not_input(out, protect, inside_ok=inside_ok)
     _remove_stale(out)
     if out.exists() or out.is_symlink():
         if not out.is_dir():
@@ -87,18 +92,22 @@ def _target(out_dir: str | os.PathLike) -> Path:
     return Path(os.path.realpath(p.parent)) / p.name
 
 
-def check_not_input(out: str | os.PathLike, inputs: Sequence[str | os.PathLike | None]) -> None:
+def check_not_input(
+    out: str | os.PathLike, inputs: Sequence[str | os.PathLike | None], *, inside_ok: bool = False
+) -> None:
     """Raise `InputError` if `out` is, contains or lies inside one of `inputs` (real paths).
 
     Symlinks and `..` are resolved on both sides, so `run-link` or `run/../run` is seen
-    to be `run`. Writing inside an input would also change it, so that is refused too.
+    to be `run`. Writing inside an input would also change it, so that is refused too,
+    unless `inside_ok` (then only "is" and "contains" are refused).
     """
     real_out = Path(os.path.realpath(Path(out).expanduser()))
     for keep in inputs:
         if keep is None:
             continue
         real_keep = Path(os.path.realpath(Path(keep).expanduser()))
-        if real_out == real_keep or real_keep in real_out.parents or real_out in real_keep.parents:
+        inside = real_keep in real_out.parents and not inside_ok
+        if real_out == real_keep or inside or real_out in real_keep.parents:
             raise InputError(
                 f"output {out} is, contains or lies inside the input {keep} (real path {real_keep}); "
                 "choose an --out outside it"

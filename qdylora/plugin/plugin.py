@@ -191,7 +191,10 @@ def export(adapter_dir: Path, ranks: list[int | str], *, vllm: bool) -> dict[int
     """Write each rank of the adapter in `adapter_dir` to adapter_dir/qdylora-exports/rank-<b>/."""
     from ..exporters import export_adapters, read_export_info, serve_command
 
-    written = export_adapters(adapter_dir, adapter_dir / EXPORTS_DIR, ranks, vllm=vllm, overwrite=True)
+    # OUTPUT/exports is the plugin's own subfolder of the run: the adapter files are only read
+    written = export_adapters(
+        adapter_dir, adapter_dir / EXPORTS_DIR, ranks, vllm=vllm, overwrite=True, inside_adapter=True
+    )
     infos = {b: read_export_info(path) for b, path in written.items()}
     for b, path in written.items():
         LOG.info(f"QDyLoRA: exported rank {b} -> {path} (r={infos[b]['r']}, lora_alpha={infos[b]['exported_lora_alpha']:g})")
