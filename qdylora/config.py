@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import InputError, is_int
 
 CONFIG_NAME = "qdylora_config.json"
 
@@ -108,12 +108,12 @@ class QDyLoraConfig:
         if self.scaling is not None:
             _check_choice("scaling", self.scaling, SCALINGS)
         _check_choice("loss_weight", self.loss_weight, LOSS_WEIGHTS)
-        if not _is_int(self.r_min) or self.r_min < 1:
+        if not is_int(self.r_min) or self.r_min < 1:
             raise InputError(f"r_min must be an integer >= 1, got {self.r_min!r}")
         if self.r_max is not None:
-            if not _is_int(self.r_max) or self.r_max < self.r_min:
+            if not is_int(self.r_max) or self.r_max < self.r_min:
                 raise InputError(f"r_max must be an integer >= r_min ({self.r_min}), got {self.r_max!r}")
-        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+        if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
             raise InputError(f"seed must be a non-negative integer, got {self.seed!r}")
         for name in ("ranks", "eval_ranks", "anchor_ranks"):
             values = getattr(self, name)
@@ -124,7 +124,7 @@ class QDyLoraConfig:
                 values = [self.r_max if v == "r_max" else v for v in values]
             symbolic = [v for v in values if name == "anchor_ranks" and v == "r_max"]
             numbers = [v for v in values if v not in symbolic]
-            if not values or not all(_is_int(v) for v in numbers):
+            if not values or not all(is_int(v) for v in numbers):
                 raise InputError(f"{name} must be a non-empty list of integers, got {values!r}"
                                  + (' (or "r_max")' if name == "anchor_ranks" else ""))
             self.check_ranks(numbers, what=name)
@@ -134,7 +134,7 @@ class QDyLoraConfig:
     def check_ranks(self, ranks: list[int], what: str = "rank") -> None:
         """Raise `InputError` unless every rank lies in r_min..r_max."""
         hi = self.r_max if self.r_max is not None else float("inf")
-        bad = [r for r in ranks if not _is_int(r) or r < self.r_min or r > hi]
+        bad = [r for r in ranks if not is_int(r) or r < self.r_min or r > hi]
         if bad:
             top = self.r_max if self.r_max is not None else "r_max"
             raise InputError(f"{what} {bad} outside the trained range {self.r_min}..{top}")
@@ -232,7 +232,7 @@ def read_config_file(directory: str | os.PathLike) -> dict[str, Any]:
         if (
             not isinstance(results, dict)
             or not all(str(k).isdigit() and isinstance(v, dict) for k, v in results.items())
-            or not _is_int(rec)
+            or not is_int(rec)
         ):
             raise InputError(
                 f"{path}: the 'sweep' section is damaged (it needs 'results' {{rank: metrics}} and an integer "
@@ -264,9 +264,6 @@ def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise InputError(f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
 
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _version() -> str:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError, first_line
+from .errors import InputError, first_line, is_int
 
 # Field pairs recognised when none are given: TRL's prompt-completion, GSM8K, Alpaca.
 KNOWN_FIELDS = (("prompt", "completion"), ("question", "answer"), ("instruction", "output"))
@@ -45,9 +45,9 @@ class DataSpec:
                 raise InputError(f"{name} must be a column name (a string), got {getattr(self, name)!r}")
         if not isinstance(self.path, str) or not self.path:
             raise InputError(f"data path must be a file path or a datasets name, got {self.path!r}")
-        if not _is_int(self.max_length) or self.max_length < 2:
+        if not is_int(self.max_length) or self.max_length < 2:
             raise InputError(f"max_length must be an integer >= 2, got {self.max_length!r}")
-        if self.limit is not None and (not _is_int(self.limit) or self.limit < 1):
+        if self.limit is not None and (not is_int(self.limit) or self.limit < 1):
             raise InputError(f"limit must be an integer >= 1, got {self.limit!r}")
 
 
@@ -62,9 +62,6 @@ def check_template(template: Any, what: str = "template") -> None:
             f"{what} {template!r} has a placeholder other than {{prompt}} ({exc}); write literal braces as {{{{ }}}}"
         ) from None
 
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def is_local(path: str) -> bool:

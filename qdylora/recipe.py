@@ -27,7 +27,7 @@ from typing import Any
 from .config import QDyLoraConfig
 from .data import DataSpec
 from .distributed import accumulation_for, check_training_engine, world_size
-from .errors import InputError, first_line
+from .errors import InputError, check_creatable, first_line, is_int
 
 TOP_LEVEL = {
     "model", "load_in_4bit", "compute_dtype", "quant_storage", "trust_remote_code",
@@ -93,11 +93,11 @@ class Recipe:
                 raise InputError(f"'{key}' must be true or false, got {raw[key]!r}")
         eval_size = raw.get("eval_size")
         if eval_size is not None and not (
-            (isinstance(eval_size, float) and 0 < eval_size < 1) or (_is_int(eval_size) and eval_size >= 1)
+            (isinstance(eval_size, float) and 0 < eval_size < 1) or (is_int(eval_size) and eval_size >= 1)
         ):
             raise InputError(f"eval_size must be a fraction in (0, 1) or a number of records >= 1, got {eval_size!r}")
         batch = raw.get("global_batch_size")
-        if batch is not None and (not _is_int(batch) or batch < 1):
+        if batch is not None and (not is_int(batch) or batch < 1):
             raise InputError(f"global_batch_size must be an integer >= 1, got {batch!r}")
         lora = _checked_lora(raw.get("lora") or {})
         qdylora = QDyLoraConfig.from_dict(raw.get("qdylora") or {})
@@ -199,7 +199,7 @@ def _checked_lora(raw: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise InputError(f"unknown lora key(s) {unknown}; they must be peft.LoraConfig fields")
-    if "r" in raw and (not _is_int(raw["r"]) or raw["r"] < 1):
+    if "r" in raw and (not is_int(raw["r"]) or raw["r"] < 1):
         raise InputError(f"lora.r must be an integer >= 1 (the maximum rank r_max), got {raw['r']!r}")
     if "lora_alpha" in raw and (isinstance(raw["lora_alpha"], bool) or not isinstance(raw["lora_alpha"], (int, float))):
         raise InputError(f"lora.lora_alpha must be a number, got {raw['lora_alpha']!r}")
@@ -237,13 +237,10 @@ def _checked_sweep(raw: dict[str, Any], config: QDyLoraConfig) -> dict[str, Any]
 
 
 def _int_list(value: Any, what: str) -> list[int]:
-    if not isinstance(value, list) or not value or not all(_is_int(v) for v in value):
+    if not isinstance(value, list) or not value or not all(is_int(v) for v in value):
         raise InputError(f"{what} must be a non-empty list of integers, got {value!r}")
     return value
 
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _checked_training(raw: dict[str, Any]) -> dict[str, Any]:
@@ -287,7 +284,7 @@ def _typed(what: str, value: Any, hint: Any) -> Any:
     if isinstance(value, bool):
         if bool in kinds:
             return value
-    elif _is_int(value) and (int in kinds or float in kinds):
+    elif is_int(value) and (int in kinds or float in kinds):
         return value
     elif isinstance(value, float) and float in kinds:
         return value
@@ -329,13 +326,8 @@ def check_output_dir(out: Path, *, overwrite: bool, resume: bool) -> str | None:
 
     if out.exists() and not out.is_dir():
         raise InputError(f"training.output_dir {out} is a file; choose a folder")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise InputError(f"training.output_dir {out} lies under {parent}, which is a file")
-            if not os.access(parent, os.W_OK | os.X_OK) and not out.exists():
-                raise InputError(f"cannot create training.output_dir {out}: {parent} is not writable")
-            break
+    if not out.exists():
+        check_creatable(out, "training.output_dir")
     if not resume:
         if out.is_dir() and any(out.iterdir()) and not overwrite:
             raise InputError(f"output folder {out} exists and is not empty; pass --overwrite or --resume")

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, check_creatable
 
 _TMP = ".qdylora-tmp-"
 _OLD = ".qdylora-old-"
@@ -53,13 +53,7 @@ def staged_output(
             raise InputError(f"output {out} exists and is not a folder; choose another --out")
         if not overwrite:
             raise InputError(f"output folder {out} already exists; pass --overwrite to replace it")
-    for parent in [out.parent, *out.parent.parents]:
-        if parent.exists():
-            if not parent.is_dir():
-                raise InputError(f"output {out} lies under {parent}, which is a file; choose another --out")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise InputError(f"cannot write to {parent} (permission denied); choose another --out")
-            break
+    check_creatable(out, "--out")  # the temporary folder is created beside it
     created = _first_missing(out.parent)
     tmp = out.parent / f".{out.name}{_TMP}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:

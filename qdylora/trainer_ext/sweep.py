@@ -19,7 +19,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..config import write_json_atomic
-from ..errors import InputError
+from ..errors import InputError, is_int
 
 SWEEP_JSON = "rank_sweep.json"
 SWEEP_PLOT = "rank_sweep.png"
@@ -315,9 +315,6 @@ def check_methods(methods: Sequence[str] | str) -> list[str]:
     return out
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
 
 def plot_sweep(result: SweepResult, path: str | os.PathLike, title: str | None = None) -> Path:
     """Plot the sweep metric against rank (log2 axis), one line per method (with its AURAC), the recommendation marked."""
@@ -401,7 +398,7 @@ def sweep_adapter(
     ranks = ranks if ranks is not None else config.sweep_ranks
     config.check_ranks(ranks)
     methods = check_methods(methods)
-    if not _is_int(batch_size) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     records = load_records(data)
     if len(records) == 0:
