@@ -81,7 +81,7 @@ from qdylora import QDyLoraConfig, load_model, rank_scope  # noqa: E402
 from qdylora.config import write_json_atomic  # noqa: E402
 from qdylora.loading import dequantized_weight  # noqa: E402
 from qdylora.ranks import DynamicRank, lora_layers, lora_scale, svd_truncate  # noqa: E402
-from qdylora.trainer_ext.sweep import aurac  # noqa: E402,F401  (the sweep's AURAC, one definition)
+from qdylora.sweep_result import aurac  # noqa: E402,F401  (the sweep's AURAC, one definition)
 from qdylora.trainer_ext.trainer import QDyLoraMixin  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -120,7 +120,7 @@ ARM_ORDER = ["dedicated", "lora_rmax_prefix", "lora_rmax_svd", "lora_rmax_asvd"]
 
 # -- the metric ------------------------------------------------------------------------------
 # AURAC (MatryoshkaLoRA's AURAC_v2, metrics.py, applied to a loss: lower is better) is the
-# product's own `qdylora.trainer_ext.sweep.aurac`, imported above: the trapezoid area of the
+# product's own `qdylora.sweep_result.aurac`, imported above: the trapezoid area of the
 # metric over log2 rank divided by the log2 range, so a flat curve at e has AURAC e.
 
 

@@ -1,7 +1,15 @@
-"""`QDyLoraConfig`: what to draw at each step, how to train it, and what to evaluate.
+"""The settings lists: `QDyLoraConfig` (how a run draws and trains ranks), `SweepSettings`
+(what is measured after training) and `ExportSettings` (which ranks are shipped).
+
+Each is a dataclass whose fields carry their help text (`metadata["help"]`) and `Literal`
+choices; `check_fields` validates any of them in one loop. Everything else derives from
+these fields: the YAML sections of `qdylora train` (`qdylora:`, `sweep:`, `export:`), the
+Axolotl plugin's `qdylora_*` keys (`qdylora.plugin.args`), and `qdylora info`. To add a
+setting, add a field here.
 
 The config lives beside the standard PEFT adapter as `qdylora_config.json`, so any
 adapter folder says how it was trained and, once measured, how good each rank is.
+This module imports neither torch nor transformers.
 """
 
 from __future__ import annotations
@@ -9,21 +17,29 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 from .errors import InputError, is_int
 
 CONFIG_NAME = "qdylora_config.json"
 
-DISTRIBUTIONS = ("uniform", "log_uniform")
-UPDATE_MODES = ("full", "frozen")
-SAMPLE_EVERY = ("optimizer_step", "micro_batch")
-TRUNCATIONS = ("slice", "mask")
-SCALINGS = ("linear", "sqrt")
-LOSS_WEIGHTS = ("equal", "inverse_scale")
-
+Distribution = Literal["uniform", "log_uniform"]
+UpdateMode = Literal["full", "frozen"]
+SampleEvery = Literal["optimizer_step", "micro_batch"]
+Truncation = Literal["slice", "mask"]
+Scaling = Literal["linear", "sqrt"]
+LossWeight = Literal["equal", "inverse_scale"]
+# How a rank-b adapter is read from the r_max one: the first b rows/columns, or the top-b
+# SVD of each layer's delta (`ranks.svd_truncate`).
+Method = Literal["prefix", "svd"]
+METHODS: tuple[str, ...] = typing.get_args(Method)
+RECOMMENDED = "recommended"  # a rank list may name the sweep's pick
+# optimizers whose state `qdylora plan` models
+PLAN_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", "adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit")
 
 # Named recipes for QDyLoraConfig.preset(); each non-paper entry won against the paper's
 # recipe on validation AND test in benchmarks/results/quality.md.
@@ -33,6 +49,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # lower loss than the paper at ranks 4, 16, 64 on val and test, about 1% higher at rank 1
     "balanced": {"scaling": "sqrt", "loss_weight": "inverse_scale"},
 }
+
+
+def setting(default: Any, help: str, **metadata: Any) -> Any:
+    """A dataclass field that carries its help text (and e.g. `min`, `axolotl` key overrides)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **metadata})
+    return field(default=default, metadata={"help": help, **metadata})
 
 
 def default_eval_ranks(r_min: int, r_max: int) -> list[int]:
@@ -46,87 +69,93 @@ def default_eval_ranks(r_min: int, r_max: int) -> list[int]:
     return sorted(ranks)
 
 
+def check_method(method: str) -> str:
+    """`method` if it is a truncation method (prefix or svd), else `InputError`."""
+    if method not in METHODS:
+        raise InputError(f"method {method!r} is not allowed; choose one of {', '.join(METHODS)}")
+    return method
+
+
+def check_methods(methods: Any) -> list[str]:
+    """A list of distinct truncation methods ("prefix,svd" or ["prefix", "svd"]), each checked."""
+    if isinstance(methods, str):
+        methods = methods.split(",")
+    if not isinstance(methods, (list, tuple)):
+        raise InputError(f"methods must be a list such as [prefix, svd], got {methods!r}")
+    out = list(dict.fromkeys(check_method(str(m).strip().lower()) for m in methods))
+    if not out:
+        raise InputError(f"no methods to measure; choose from {', '.join(METHODS)}")
+    return out
+
+
 @dataclass
 class QDyLoraConfig:
     """Settings of a QDyLoRA run (one adapter trained so that every rank r_min..r_max works).
 
-    Attributes:
-        r_min: Smallest rank drawn during training and accepted afterwards (>= 1).
-        r_max: Largest rank, the adapter's stored rank. `None` takes the LoRA config's `r`.
-        distribution: How b is drawn from r_min..r_max: `"uniform"` (the paper) or
-            `"log_uniform"` (probability proportional to 1/b, more steps at low ranks).
-        ranks: Draw only from this set (e.g. `[1, 8, 16, 32, 64]`) instead of every
-            integer in r_min..r_max; `distribution` then weights the set.
-        update: `"full"` trains all first b rows/columns (the QDyLoRA paper, default);
-            `"frozen"` detaches rows/columns 0..b-2 so only row/column b-1 learns
-            (DyLoRA's nested-dropout mode).
-        sample_every: `"optimizer_step"` draws one b per optimizer step, shared by every
-            micro-batch of a gradient-accumulation window (the reference); `"micro_batch"`
-            draws a new b for every micro-batch.
-        eval_ranks: Ranks the sweep measures by default. `None` means `ranks` if given,
-            else r_min, the powers of two in between, and r_max.
-        seed: Seed of the rank sequence. `None` takes `TrainingArguments.seed`. The rank
-            at a step depends only on (seed, step), so every process and every resumed
-            run draws the same sequence.
-        truncation: How the adapter runs at rank b: `"slice"` uses A[:b] and B[:, :b]
-            (cost follows b); `"mask"` zeroes the rank dimension past b (every parameter
-            keeps its full shape in the graph; a fallback for sharding engines).
-        scaling: The LoRA scale at rank b. `"linear"`: alpha / b (the paper; PEFT's
-            default); `"sqrt"`: alpha / sqrt(b) (rsLoRA). `None` follows the LoRA config
-            (`use_rslora`). A rule that differs from the LoRA config switches the PEFT
-            config to match, so the saved adapter and every rank-b export carry it.
-        anchor_ranks: Ranks trained in EVERY step beside the drawn b (e.g. `["r_max"]`;
-            the string "r_max" stands for the adapter's r),
-            each with its own forward and backward, losses averaged (SortedNet-style
-            "sandwich"). Costs one more forward/backward per anchor and step.
-        loss_weight: `"equal"` (the paper) weights every step's loss alike;
-            `"inverse_scale"` weights the loss at rank b by s(r_max) / s(b) (b / r_max
-            with alpha/b scaling). That cancels the rank scale in the LoRA gradients, so
-            the optimizer's moment estimates, shared by all ranks, see gradients of one
-            size whatever b is drawn (otherwise the rare small-b steps, scaled up to
-            r_max/b times, dominate Adam's second moment of the first rows).
+    Each field's help is in its metadata (`qdylora info` and the Axolotl keys show it).
     """
 
-    r_min: int = 1
-    r_max: int | None = None
-    distribution: str = "uniform"
-    ranks: list[int] | None = None
-    update: str = "full"
-    sample_every: str = "optimizer_step"
-    eval_ranks: list[int] | None = None
-    seed: int | None = None
-    truncation: str = "slice"
-    scaling: str | None = None
-    anchor_ranks: list[int | str] | None = None
-    loss_weight: str = "equal"
+    r_min: int = setting(1, "Smallest rank drawn during training and accepted afterwards (>= 1).", min=1)
+    r_max: int | None = setting(
+        None, "Largest rank, the adapter's stored rank; unset takes the LoRA config's r (Axolotl: lora_r).",
+        axolotl=False,
+    )
+    distribution: Distribution = setting(
+        "uniform", "How b is drawn from r_min..r_max: uniform (the paper) or log_uniform (probability "
+        "proportional to 1/b, more steps at low ranks).",
+    )
+    ranks: list[int] | None = setting(
+        None, "Draw only from this set (e.g. [1, 8, 16, 32, 64]) instead of every integer in r_min..r_max; "
+        "distribution then weights the set.",
+    )
+    update: UpdateMode = setting(
+        "full", "full: the first b rows/columns all learn (the paper); frozen: rows/columns 0..b-2 are "
+        "detached so only row/column b-1 learns (DyLoRA's nested-dropout mode).",
+    )
+    sample_every: SampleEvery = setting(
+        "optimizer_step", "optimizer_step: one b per optimizer step, shared by its gradient-accumulation "
+        "micro-batches (the reference); micro_batch: a new b for every micro-batch.",
+    )
+    eval_ranks: list[int] | None = setting(
+        None, "Ranks the sweep measures by default; unset: ranks if given, else r_min, the powers of two in "
+        "between, and r_max.",
+    )
+    seed: int | None = setting(
+        None, "Seed of the rank sequence; unset takes TrainingArguments.seed. The rank at a step depends only "
+        "on (seed, step), so every process and every resumed run draws the same sequence.", min=0,
+    )
+    truncation: Truncation = setting(
+        "slice", "How the adapter runs at rank b: slice uses A[:b] and B[:, :b] (cost follows b); mask zeroes "
+        "the rank dimension past b (full shapes in the graph; a fallback for sharding engines).",
+    )
+    scaling: Scaling | None = setting(
+        None, "The LoRA scale at rank b: linear = alpha / b (the paper; PEFT's default), sqrt = alpha / sqrt(b) "
+        "(rsLoRA); unset follows the LoRA config (use_rslora). A rule that differs from the LoRA config "
+        "switches the PEFT config to match, so the saved adapter and every export carry it.",
+    )
+    anchor_ranks: list[int | Literal["r_max"]] | None = setting(
+        None, "Ranks trained in EVERY step beside the drawn b (e.g. [r_max]; r_max stands for the adapter's r), "
+        "each with its own forward and backward, losses averaged (SortedNet-style sandwich); one more "
+        "forward/backward per anchor and step; not with DeepSpeed.",
+    )
+    loss_weight: LossWeight = setting(
+        "equal", "equal (the paper) weights every step alike; inverse_scale weights the loss at rank b by "
+        "s(r_max)/s(b), cancelling the rank scale in the LoRA gradients so Adam's moments, shared by all "
+        "ranks, see gradients of one size whatever b is drawn.",
+    )
 
     def __post_init__(self) -> None:
-        _check_choice("distribution", self.distribution, DISTRIBUTIONS)
-        _check_choice("update", self.update, UPDATE_MODES)
-        _check_choice("sample_every", self.sample_every, SAMPLE_EVERY)
-        _check_choice("truncation", self.truncation, TRUNCATIONS)
-        if self.scaling is not None:
-            _check_choice("scaling", self.scaling, SCALINGS)
-        _check_choice("loss_weight", self.loss_weight, LOSS_WEIGHTS)
-        if not is_int(self.r_min) or self.r_min < 1:
-            raise InputError(f"r_min must be an integer >= 1, got {self.r_min!r}")
-        if self.r_max is not None:
-            if not is_int(self.r_max) or self.r_max < self.r_min:
-                raise InputError(f"r_max must be an integer >= r_min ({self.r_min}), got {self.r_max!r}")
-        if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
-            raise InputError(f"seed must be a non-negative integer, got {self.seed!r}")
+        check_fields(self)
+        if self.r_max is not None and self.r_max < self.r_min:
+            raise InputError(f"r_max must be an integer >= r_min ({self.r_min}), got {self.r_max!r}")
         for name in ("ranks", "eval_ranks", "anchor_ranks"):
             values = getattr(self, name)
             if values is None:
                 continue
-            values = list(values)
             if name == "anchor_ranks" and self.r_max is not None:  # "r_max" stands for the adapter's r
                 values = [self.r_max if v == "r_max" else v for v in values]
-            symbolic = [v for v in values if name == "anchor_ranks" and v == "r_max"]
-            numbers = [v for v in values if v not in symbolic]
-            if not values or not all(is_int(v) for v in numbers):
-                raise InputError(f"{name} must be a non-empty list of integers, got {values!r}"
-                                 + (' (or "r_max")' if name == "anchor_ranks" else ""))
+            symbolic = [v for v in values if v == "r_max"]
+            numbers = [v for v in values if v != "r_max"]
             self.check_ranks(numbers, what=name)
             setattr(self, name, sorted(set(numbers)) + symbolic[:1])
 
@@ -146,8 +175,7 @@ class QDyLoraConfig:
                 f"QDyLoraConfig.r_max={self.r_max} but the LoRA adapter has r={r_max}; "
                 "leave r_max unset or set the LoRA config's r to the maximum rank"
             )
-        resolved = dataclasses.replace(self, r_max=r_max, seed=self.seed if self.seed is not None else seed)
-        return resolved
+        return dataclasses.replace(self, r_max=r_max, seed=self.seed if self.seed is not None else seed)
 
     @property
     def candidate_ranks(self) -> list[int]:
@@ -184,14 +212,11 @@ class QDyLoraConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> QDyLoraConfig:
+    def from_dict(cls, data: dict[str, Any], what: str = "QDyLoRA setting") -> QDyLoraConfig:
         """The config a dict describes; a `"preset"` key starts from that named recipe."""
-        known = {f.name for f in dataclasses.fields(cls)}
         data = dict(data)
         name = data.pop("preset", None)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(f"unknown QDyLoRA setting(s) {unknown}; allowed: {sorted(known | {'preset'})}")
+        check_keys(data, cls, what, extra=("preset",))
         return cls.preset(name, **data) if name is not None else cls(**data)
 
     def save_pretrained(self, directory: str | os.PathLike, **extra: Any) -> Path:
@@ -207,6 +232,183 @@ class QDyLoraConfig:
     def from_pretrained(cls, directory: str | os.PathLike) -> QDyLoraConfig:
         """Read the config of an adapter folder trained with qdylora."""
         return cls.from_dict(read_config_file(directory)["config"])
+
+
+@dataclass
+class SweepSettings:
+    """The rank sweep after training (the YAML's `sweep:` section; Axolotl's qdylora_sweep* keys)."""
+
+    enabled: bool = setting(
+        True, "Run the rank sweep after training when there is an eval set.", axolotl="qdylora_sweep"
+    )
+    ranks: list[int] | None = setting(
+        None, "Ranks to measure; unset: the qdylora section's eval_ranks, else r_min, powers of two, r_max.",
+        axolotl=False,  # Axolotl: qdylora_eval_ranks
+    )
+    refine: bool = setting(False, "Then measure every rank between the best coarse rank's neighbours.")
+    tolerance: float = setting(0.01, "Recommend the smallest rank within this relative gap of the best.", min=0)
+    methods: list[Method] = setting(
+        ["prefix"], "Truncation methods each rank is measured under (prefix, svd); the recommendation is "
+        "then a (rank, method).",
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.methods, (str, list, tuple)):
+            self.methods = check_methods(self.methods)  # "prefix,svd" or a list; names one line each
+        check_fields(self)
+
+
+@dataclass
+class ExportSettings:
+    """Ranks shipped after training as standard PEFT adapters (the YAML's `export:` section;
+    Axolotl's qdylora_export_* keys), each into `<output_dir>/qdylora-exports/rank-<b>/`."""
+
+    ranks: list[int | Literal["recommended"]] | None = setting(
+        None, "Ranks to export after training ('recommended' is the sweep's pick); unset exports none.",
+    )
+    method: Method | None = setting(
+        None, "prefix (the first b rows/columns) or svd (the best rank-b approximation of each layer's delta); "
+        "unset: prefix, or the sweep's method for 'recommended'.",
+    )
+    vllm: bool = setting(
+        False, "Check each export for vLLM before writing it (vLLM's rules, shapes against the base) and "
+        "print the vllm serve line.",
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.ranks is not None:
+            self.ranks = sorted({r for r in self.ranks if r != RECOMMENDED}) + (
+                [RECOMMENDED] if RECOMMENDED in self.ranks else []
+            )
+
+
+@dataclass
+class SampleSettings:
+    """Prompts answered at a few ranks at every evaluation, logged beside the metrics
+    (the YAML's `samples:` section; `RankSamplesCallback`)."""
+
+    prompts: list[str] = field(metadata={"help": "Prompts to answer (in the YAML also a prompts file: one per line, or JSONL)."})
+    ranks: list[int] | None = setting(None, "Ranks to answer at; unset: the sweep's ranks.")
+    max_new_tokens: int = setting(64, "Length of each answer in tokens.", min=1)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+def export_problem(export: ExportSettings, sweep: SweepSettings, has_eval: bool, key: dict[str, str]) -> str | None:
+    """Why the exports cannot follow from this sweep, before any training: 'recommended' needs
+    a sweep (enabled, with eval data) that measures the export's method. `key` names the
+    settings as the user wrote them: {"ranks", "method", "enabled", "methods", "eval"}."""
+    if RECOMMENDED not in (export.ranks or []):
+        return None
+    if not (sweep.enabled and has_eval):
+        return (f"{key['ranks']} lists 'recommended', which comes from the rank sweep: give {key['eval']} and keep "
+                f"{key['enabled']}, or list explicit ranks")
+    if export.method is not None and export.method not in sweep.methods:
+        return (f"{key['method']} is {export.method} and {key['ranks']} lists 'recommended', but the sweep measures "
+                f"only {', '.join(sweep.methods)}: add {export.method} to {key['methods']}")
+    return None
+
+
+# -- one validation loop for every settings dataclass ---------------------------------------------
+def check_keys(data: dict[str, Any], cls: type, what: str, extra: tuple[str, ...] = (), hint: str = "") -> None:
+    """Refuse keys that are not fields of the dataclass `cls` (a typo never falls back to a default).
+
+    The message lists the allowed keys, or says `hint` instead (for classes with many fields)."""
+    known = {f.name for f in dataclasses.fields(cls)} | set(extra)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InputError(f"unknown {what}(s) {unknown}; " + (hint or f"allowed: {sorted(known)}"))
+
+
+def check_fields(obj: Any) -> None:
+    """Check every field of a settings dataclass against its annotation (and `metadata["min"]`).
+
+    A field's `Literal` lists its choices; `int`s are not bools; lists are non-empty; YAML's
+    numeric strings such as "2e-4" are not numbers here (give them unquoted).
+    """
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        hint = hints[f.name]
+        if not _matches(value, hint):
+            choices = _literal_choices(hint)
+            if choices and not isinstance(value, (list, tuple)):
+                raise InputError(f"{f.name}={value!r} is not allowed; choose one of {', '.join(choices)}")
+            raise InputError(f"{f.name} must be {describe(hint)}, got {value!r}")
+        low = f.metadata.get("min")
+        if low is not None and value is not None and value < low:
+            raise InputError(f"{f.name} must be {describe(hint)} >= {low}, got {value!r}")
+        if isinstance(value, tuple):
+            setattr(obj, f.name, list(value))
+
+
+def _members(hint: Any) -> tuple[Any, ...]:
+    return typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
+
+
+def _literal_choices(hint: Any) -> list[str]:
+    return [c for m in _members(hint) if typing.get_origin(m) is Literal for c in typing.get_args(m)]
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    for member in _members(hint):
+        origin = typing.get_origin(member)
+        if member is type(None):
+            if value is None:
+                return True
+        elif origin is Literal:
+            if value in typing.get_args(member) and isinstance(value, str):
+                return True
+        elif origin is list:
+            (item,) = typing.get_args(member)
+            if isinstance(value, (list, tuple)) and value and all(_matches(v, item) for v in value):
+                return True
+        elif member is bool:
+            if isinstance(value, bool):
+                return True
+        elif member is int:
+            if is_int(value):
+                return True
+        elif member is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return True
+        elif member is str:
+            if isinstance(value, str) and value:
+                return True
+        elif member is Any:
+            return True
+    return False
+
+
+def describe(hint: Any) -> str:
+    """A field's type in words, for error messages and help: 'an integer', 'uniform or log_uniform', ..."""
+    parts = []
+    for member in _members(hint):
+        origin = typing.get_origin(member)
+        if member is type(None):
+            continue
+        if origin is Literal:
+            parts.append(" or ".join(typing.get_args(member)))
+        elif origin is list:
+            (item,) = typing.get_args(member)
+            plural = {"an integer": "integers", "a number": "numbers", "a non-empty text": "texts"}
+            parts.append("a non-empty list of " + " or ".join(plural.get(p, p) for p in describe(item).split(" or ")))
+        else:
+            parts.append({bool: "true or false", int: "an integer", float: "a number", str: "a non-empty text"}
+                         .get(member, getattr(member, "__name__", str(member))))
+    return " or ".join(parts)
+
+
+def settings_help(cls: type) -> list[tuple[str, str, Any, str]]:
+    """(name, type in words, default, help) of each field of a settings dataclass, in order."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        rows.append((f.name, describe(hints[f.name]), default, f.metadata.get("help", "")))
+    return rows
 
 
 def read_config_file(directory: str | os.PathLike) -> dict[str, Any]:
@@ -258,12 +460,6 @@ def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise InputError(f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
-
 
 
 def _version() -> str:

@@ -87,10 +87,7 @@ def generate_across_ranks(
         raise InputError(f"template must contain '{{prompt}}', got {template!r}")
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
-    r_max = DynamicRank.of(model).r_max
-    bad = [r for r in ranks if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= r_max]
-    if bad:
-        raise InputError(f"rank(s) {bad} outside the adapter's range 1..{r_max}")
+    DynamicRank.of(model).check_ranks(ranks)
 
     settings = _generation_settings(tokenizer, generate_kwargs)
     if tokenizer.pad_token_id is None:

@@ -226,17 +226,19 @@ def load_adapter(
     compute_dtype: torch.dtype | str | None = None,
     trust_remote_code: bool = False,
     is_trainable: bool = False,
+    files: Any = None,
 ):
     """Load a qdylora adapter on its base: returns (peft_model, tokenizer, QDyLoraConfig).
 
     The base is `base_model` or the adapter's `base_model_name_or_path`, loaded in NF4
-    by default (the weights the adapter was trained against).
+    by default (the weights the adapter was trained against). `files`: the adapter's
+    `adapter_io.check_adapter` result when the caller already has it.
     """
     from peft import PeftModel
 
     from .data import load_tokenizer
 
-    files = check_adapter(adapter_dir)
+    files = files if files is not None else check_adapter(adapter_dir)
     config = files.config
     base = base_model or files.peft_config.get("base_model_name_or_path")
     if not base:
@@ -337,3 +339,31 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     if getattr(state, "packing_format_for_cpu", False):
         data, state = bnbf._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
     return bnbf.dequantize_4bit(data, state)
+
+
+# -- skeletons on the meta device (no weights read, no memory): `qdylora plan`, merged exports --------
+def skeleton(config, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """The model built on the meta device: shapes and tied weights, no memory."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # init_empty_weights leaves tied embeddings as two tensors
+    return model
+
+
+def quantized_skeleton(config, compute_dtype: torch.dtype, quant_storage: torch.dtype | None = None,
+                       trust_remote_code: bool = False) -> nn.Module:
+    """The skeleton with bitsandbytes Linear4bit layers wherever `load_model` would put them
+    (transformers' own modules left unquantized, and nn.Linear subclasses widened in)."""
+    import transformers.integrations as integrations
+    from transformers.quantizers.base import HfQuantizer
+
+    model = skeleton(config, compute_dtype, trust_remote_code)
+    skip = HfQuantizer.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
+    with linear_subclasses_quantizable():
+        model = integrations.replace_with_bnb_linear(
+            model, modules_to_not_convert=skip, quantization_config=bnb_config(compute_dtype, quant_storage)
+        )
+    return model

@@ -51,10 +51,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import PLAN_OPTIMIZERS as OPTIMIZERS
+from .loading import quantized_skeleton, skeleton  # noqa: F401  (skeleton: re-exported)
 from .errors import InputError, first_line
 
 GiB = 1024**3
-OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", "adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit")
 BNB_BLOCK = 64  # NF4 block size (bitsandbytes' default, used by transformers)
 NESTED_BLOCK = 256  # double-quant block size over the absmax values
 OPT8_BLOCK = 256  # 8-bit optimizer block size
@@ -169,32 +170,7 @@ def load_config(model_or_config: str | os.PathLike, trust_remote_code: bool = Fa
         raise InputError(f"cannot read a model config from {model_or_config}: {first}") from exc
 
 
-# -- skeletons on the meta device ------------------------------------------------------------------------
-def skeleton(config, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
-    """The model built on the meta device: shapes and tied weights, no memory."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    model.tie_weights()  # init_empty_weights leaves tied embeddings as two tensors
-    return model
-
-
-def quantized_skeleton(config, compute_dtype: torch.dtype, quant_storage: torch.dtype | None, trust_remote_code=False):
-    """The skeleton with bitsandbytes Linear4bit layers wherever `load_model` would put them."""
-    import transformers.integrations as integrations
-    from transformers.quantizers.base import HfQuantizer
-
-    from .loading import bnb_config, linear_subclasses_quantizable
-
-    model = skeleton(config, compute_dtype, trust_remote_code)
-    skip = HfQuantizer.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
-    with linear_subclasses_quantizable():
-        model = integrations.replace_with_bnb_linear(
-            model, modules_to_not_convert=skip, quantization_config=bnb_config(compute_dtype, quant_storage)
-        )
-    return model
+# -- skeletons on the meta device: `qdylora.loading.skeleton` / `quantized_skeleton` (one builder) ---------
 
 
 def with_lora(model: nn.Module, r: int, target_modules: Any) -> nn.Module:
@@ -483,41 +459,3 @@ def plan(
 
 def _per(nbytes: int, shards: float) -> int:
     return int(math.ceil(nbytes / shards))
-
-
-# -- command line ------------------------------------------------------------------------------------------------
-def _command():
-    import click
-
-    @click.command("plan")
-    @click.argument("model_or_config")
-    @click.option("--r-max", default=64, show_default=True, type=int, help="LoRA rank the adapter is stored at.")
-    @click.option("--batch", default=1, show_default=True, type=int, help="Per-device micro batch.")
-    @click.option("--seq", default=512, show_default=True, type=int, help="Tokens per sequence.")
-    @click.option("--gpus", default=1, show_default=True, type=int, help="GPUs the run is spread over.")
-    @click.option("--zero", default=0, show_default=True, type=click.IntRange(0, 3),
-                  help="DeepSpeed ZeRO stage (3 also stands for FSDP full-shard).")
-    @click.option("--optim", default="paged_adamw_32bit", show_default=True, type=click.Choice(OPTIMIZERS))
-    @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True, show_default=True)
-    @click.option("--gpu-mem", default=None, help="Card size to check against, e.g. 32GiB, 80GB, 24G.")
-    @click.option("--reserve", default="1GiB", show_default=True, help="Set aside for the CUDA context and allocator slack.")
-    @click.option("--target-modules", default="all-linear", show_default=True,
-                  help="LoRA targets: all-linear or a comma-separated list of module names.")
-    @click.option("--compute-dtype", default="bfloat16", show_default=True, type=click.Choice(["bfloat16", "float16", "float32"]))
-    @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-    def plan_command(model_or_config, r_max, batch, seq, gpus, zero, optim, gradient_checkpointing, gpu_mem, reserve,
-                     target_modules, compute_dtype, as_json):
-        """Estimate GPU memory per device for QDyLoRA training of MODEL_OR_CONFIG (a config.json, a
-        model folder or a hub id; only the config is read) and say whether it fits --gpu-mem."""
-        import json
-
-        targets = target_modules if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",") if t.strip()]
-        result = plan(model_or_config, r_max=r_max, batch=batch, seq=seq, gpus=gpus, zero=zero, optim=optim,
-                      gradient_checkpointing=gradient_checkpointing, gpu_mem=gpu_mem, reserve=reserve,
-                      target_modules=targets, compute_dtype=compute_dtype)
-        click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.table())
-
-    return plan_command
-
-
-plan_command = _command()

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InputError
+from .config import METHODS, check_method  # noqa: F401  (re-exported: the rank mechanics' names)
+from .errors import InputError, is_int
 
 _ATTR = "_qdylora_dynamic_rank"
 
@@ -170,10 +171,17 @@ class DynamicRank:
         """The rank forward passes currently run at."""
         return self.r_max if self.state.rank is None else self.state.rank
 
+    def check_ranks(self, ranks: Sequence[int]) -> None:
+        """Raise `InputError` unless every rank is an integer in 1..r_max (the one check of the model's range)."""
+        bad = [r for r in ranks if not is_int(r) or not 1 <= r <= self.r_max]
+        if bad:
+            raise InputError(f"rank{'s' if len(bad) > 1 else ''} {bad[0] if len(bad) == 1 else bad!r} "
+                             f"outside the adapter's range 1..{self.r_max}")
+
     @contextlib.contextmanager
     def scope(self, rank: int | None, frozen: bool = False) -> Iterator[None]:
-        if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= self.r_max):
-            raise InputError(f"rank {rank!r} outside the adapter's range 1..{self.r_max}")
+        if rank is not None:
+            self.check_ranks([rank])
         saved = (self.state.rank, self.state.frozen)
         saved_scaling = [layer.scaling[self.adapter_name] for layer, _, _ in self._layers]
         self.state.rank, self.state.frozen = rank, frozen
@@ -198,8 +206,7 @@ class DynamicRank:
         approximation of its delta: what `qdylora export adapter --method svd` writes. A
         lora_B bias keeps its full-rank contribution. The factors are restored on exit.
         """
-        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= self.r_max:
-            raise InputError(f"rank {rank!r} outside the adapter's range 1..{self.r_max}")
+        self.check_ranks([rank])
         if self.state.rank is not None:
             raise RuntimeError("svd_scope inside a rank scope")
         name = self.adapter_name
@@ -244,16 +251,6 @@ class DynamicRank:
             m.__dict__.pop("forward", None)
         self._wrapped.clear()
         self.model.__dict__.pop(_ATTR, None)
-
-
-METHODS = ("prefix", "svd")
-
-
-def check_method(method: str) -> str:
-    """`method` if it is a truncation method (prefix or svd), else `InputError`."""
-    if method not in METHODS:
-        raise InputError(f"method {method!r} is not allowed; choose one of {', '.join(METHODS)}")
-    return method
 
 
 def rank_scope(

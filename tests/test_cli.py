@@ -61,7 +61,7 @@ def test_sweep_and_info(trained, arithmetic_data, tmp_path):
 def test_sweep_both_methods_then_export_recommended(trained, arithmetic_data, tmp_path):
     import shutil
 
-    from qdylora.trainer_ext.sweep import recommend
+    from qdylora.sweep_result import recommend
 
     out, _ = trained
     src = tmp_path / "src"
@@ -90,7 +90,7 @@ def test_sweep_both_methods_then_export_recommended(trained, arithmetic_data, tm
 def test_train_sweeps_both_methods_and_refuses_a_bad_one_first(tiny_llama, arithmetic_data, tmp_path):
     out = tmp_path / "o"
     cfg = _yaml(tmp_path, tiny_llama, arithmetic_data, out, sweep={"ranks": [1, 8], "methods": ["prefix", "pca"]})
-    _fails_with(["train", str(cfg)], "sweep.methods: method 'pca' is not allowed")
+    _fails_with(["train", str(cfg)], "sweep: method 'pca' is not allowed")
     assert not out.exists()  # refused before training
     cfg = _yaml(tmp_path, tiny_llama, arithmetic_data, out, sweep={"ranks": [1, 8], "methods": ["prefix", "svd"]})
     res = CliRunner().invoke(main, ["train", str(cfg)])
@@ -137,14 +137,15 @@ def test_training_key_typos_are_caught(tiny_llama, arithmetic_data, tmp_path):
 
 
 def test_train_logs_sample_answers_per_rank(tiny_llama, arithmetic_data, tmp_path):
-    from qdylora.recipe import Recipe, run
+    from qdylora.recipe import Recipe
+    from qdylora.workflow import run
 
     cfg = _yaml(tmp_path, tiny_llama, arithmetic_data, tmp_path / "o",
                 samples={"prompts": ["What is 2 plus 3?"], "ranks": [1, 8], "max_new_tokens": 4})
     raw = yaml.safe_load(cfg.read_text())
     raw["training"].update({"eval_strategy": "steps", "eval_steps": 3})
     cfg.write_text(yaml.safe_dump(raw))
-    trainer = run(Recipe.from_yaml(cfg))
+    trainer = run(Recipe.from_yaml(cfg)).trainer
     logged = [h for h in trainer.state.log_history if "eval_samples" in h]
     assert [h["step"] for h in logged] == [3, 6]
     assert {(row["prompt"], row["rank"]) for row in logged[-1]["eval_samples"]} == {
@@ -168,3 +169,35 @@ def test_yaml_preset_and_bad_preset(tiny_llama, arithmetic_data, tmp_path):
     raw["qdylora"] = {"preset": "fast"}
     cfg.write_text(yaml.safe_dump(raw))
     _fails_with(["train", str(cfg)], "unknown preset 'fast'")
+
+
+def test_train_exports_after_the_sweep_and_reports_it(tmp_path, tiny_llama, arithmetic_data):
+    """`export:` in the YAML: the sweep's pick (under its method) and a fixed rank land in
+    output_dir/qdylora-exports/rank-<b>/, each the SVD export of the saved adapter, and the
+    report says so; the same steps the Axolotl plugin runs after its training."""
+    import torch
+    from safetensors.torch import load_file
+
+    from qdylora.ranks import svd_truncate
+
+    out = tmp_path / "out"
+    cfg = _yaml(tmp_path, tiny_llama, arithmetic_data, out, sweep={"ranks": [1, 2, 8], "methods": ["svd"]},
+                export={"ranks": [2, "recommended"], "method": "svd"})
+    res = CliRunner().invoke(main, ["train", str(cfg)])
+    assert res.exit_code == 0, res.output
+    rec = json.loads((out / "qdylora_config.json").read_text())["sweep"]["recommended_rank"]
+    exports = out / "qdylora-exports"
+    assert sorted(p.name for p in exports.iterdir()) == sorted({f"rank-{b}" for b in (2, rec)})
+    for b in {2, rec}:
+        info = json.loads((exports / f"rank-{b}" / "qdylora_export.json").read_text())
+        assert (info["rank"], info["method"]) == (b, "svd")
+        assert f"rank {b} (svd) of {out}" in res.output
+    # the rank-2 export is the top-2 SVD of each layer's delta in the saved r_max adapter
+    full = load_file(str(out / "adapter_model.safetensors"))
+    low = load_file(str(exports / "rank-2" / "adapter_model.safetensors"))
+    key = next(k for k in full if k.endswith("q_proj.lora_A.weight"))
+    a, bb = full[key], full[key.replace("lora_A", "lora_B")]
+    want_a, want_b = svd_truncate(a, bb, 16 / 8, 2, 16 / 2)
+    got = low[key.replace("lora_A", "lora_B")] @ low[key]
+    assert torch.allclose(got, want_b @ want_a, rtol=1e-4, atol=1e-6)
+    assert "recommended rank:" in res.output and "written to" in res.output

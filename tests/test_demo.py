@@ -92,8 +92,8 @@ def test_demo_writes_every_artifact(demo_run):
     rec = result.sweep.recommended_rank
     assert result.out_dir == out.absolute()
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/qdylora_config.json",
-                 "rank_sweep.json", "rank_sweep.png", "data/train.jsonl", "data/eval.jsonl", "demo_summary.json",
-                 f"adapter-rank{rec}/adapter_model.safetensors"):
+                 "adapter/rank_sweep.json", "adapter/rank_sweep.png", "data/train.jsonl", "data/eval.jsonl",
+                 "demo_summary.json", f"adapter/qdylora-exports/rank-{rec}/adapter_model.safetensors"):
         assert (out / name).is_file(), name
     assert not (out / "adapter" / "training_args.bin").exists()  # no pickle shipped
     assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temporary folder left
@@ -104,9 +104,11 @@ def test_demo_writes_every_artifact(demo_run):
     assert rec == min(r for r, v in values.items() if v <= best * 1.01)
     stored = json.loads((out / "adapter" / "qdylora_config.json").read_text())
     assert stored["sweep"]["recommended_rank"] == rec
-    assert json.loads((out / f"adapter-rank{rec}" / "adapter_config.json").read_text())["r"] == rec
+    export = out / "adapter" / "qdylora-exports" / f"rank-{rec}"
+    assert result.export_dir == export
+    assert json.loads((export / "adapter_config.json").read_text())["r"] == rec
     # the export's provenance names the adapter where it lives now, not the staging folder
-    provenance = json.loads((out / f"adapter-rank{rec}" / "qdylora_export.json").read_text())
+    provenance = json.loads((export / "qdylora_export.json").read_text())
     assert provenance["source_adapter"] == str(out / "adapter") and Path(provenance["source_adapter"]).is_dir()
     saved = json.loads((out / "demo_summary.json").read_text())
     assert saved["answers"] == {str(r): a for r, a in result.answers.items()}

@@ -115,7 +115,7 @@ def assert_saved_adapter_full(out: Path) -> None:
 def assert_sweeps_and_exports(out: Path, setup, tmp_path: Path) -> None:
     from qdylora.data import DataSpec
     from qdylora.exporters import export_adapter
-    from qdylora.trainer_ext.sweep import sweep_adapter
+    from qdylora.workflow import sweep_adapter
 
     adapter = out / "adapter"
     result = sweep_adapter(adapter, DataSpec(setup["data"], max_length=32, limit=8), [1, 4, R], batch_size=8,
@@ -233,5 +233,5 @@ def test_recipe_runs_under_accelerate_launch_with_the_ddp_example(setup):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     ok(proc)
     assert "'epoch': '0.125'" in proc.stdout  # after one step: 4 of the 32 records seen
-    assert proc.stdout.count("written to") == 2  # both processes ran the recipe
+    assert proc.stdout.count("written to") == 1  # both processes trained (the epoch above); the main one reports
     assert json.loads((out / "adapter_config.json").read_text())["r"] == R

@@ -10,17 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from export_fixtures import (  # noqa: F401  (fixtures)
-    ALPHA,
-    R_MAX,
-    RANKS,
-    export_base,
-    logits,
-    lora_model,
-    peft_logits,
-    save_qdylora,
-    trained,
-)
+from qdylora.testing import ALPHA, R_MAX, RANKS, logits, export_lora_model as lora_model, peft_logits, save_qdylora
 from safetensors.torch import load_file
 
 from qdylora.cli import main

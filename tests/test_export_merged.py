@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from export_fixtures import RANKS, export_base, logits, lora_model, save_qdylora, tokens, trained  # noqa: F401
+from qdylora.testing import RANKS, logits, export_lora_model as lora_model, save_qdylora, tokens
 from safetensors import safe_open
 from safetensors.torch import load_file
 

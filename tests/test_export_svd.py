@@ -9,20 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from export_fixtures import (  # noqa: F401  (fixtures)
-    ALPHA,
-    R_MAX,
-    RANKS,
-    exact_4bit,
-    export_base,
-    logits,
-    lora_model,
-    peft_logits,
-    plain_base,
-    save_qdylora,
-    tokens,
-    trained,
-)
+from qdylora.testing import ALPHA, R_MAX, RANKS, exact_4bit, logits, export_lora_model as lora_model, peft_logits, plain_base, save_qdylora, tokens
 from safetensors.torch import load_file
 
 from qdylora.cli import main
@@ -203,7 +190,7 @@ def _with_sweep(trained, folder: Path, sweep: dict) -> Path:
 
 
 def test_recommended_uses_the_recorded_method(trained, tmp_path):
-    from qdylora.trainer_ext.sweep import SweepResult
+    from qdylora.sweep_result import SweepResult
 
     by_method = {
         "prefix": {1: {"eval_loss": 3.0}, 4: {"eval_loss": 2.0}, 8: {"eval_loss": 1.0}},

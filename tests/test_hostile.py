@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from export_fixtures import export_base, trained  # noqa: F401  (fixtures)
 
 from qdylora.cli import main
 
@@ -232,6 +231,33 @@ def _(w):
 @row("train/r-min-above-lora-r")
 def _(w):
     return ["train", w.yaml(qdylora={"r_min": 9})], "r_max must be an integer >= r_min", [], [w.path("run")]
+
+
+@row("train/export-ranks-above-r-max")
+def _(w):
+    return ["train", w.yaml(export={"ranks": [2, 9]})], "export.ranks [9] outside", [], [w.path("run")]
+
+
+@row("train/export-recommended-without-eval-data")
+def _(w):
+    return ["train", w.yaml(export={"ranks": ["recommended"]})], "give eval_data or eval_size", [], [w.path("run")]
+
+
+@row("train/export-recommended-svd-not-swept")
+def _(w):
+    return (["train", w.yaml(eval_size=4, export={"ranks": ["recommended"], "method": "svd"})],
+            "add svd to sweep.methods", [], [w.path("run")])
+
+
+@row("train/export-vllm-with-modules-to-save")
+def _(w):
+    return (["train", w.yaml(lora={"modules_to_save": ["lm_head"]}, export={"ranks": [2], "vllm": True})],
+            "vLLM rejects adapters with modules_to_save", [], [w.path("run")])
+
+
+@row("train/export-unknown-key")
+def _(w):
+    return ["train", w.yaml(export={"rank": [2]})], "unknown export key(s) ['rank']", [], [w.path("run")]
 
 
 @row("train/sample-ranks-above-r-max")
@@ -574,7 +600,8 @@ def test_written_files_get_the_umask_mode(world):
 
 def test_a_failing_sweep_after_training_keeps_the_adapter(world, monkeypatch):
     """The adapter is saved before the sweep runs, so nothing after training can lose it."""
-    from qdylora.recipe import Recipe, run
+    from qdylora.recipe import Recipe
+    from qdylora.workflow import run
     from qdylora.trainer_ext.trainer import QDyLoraMixin
 
     def broken(self, *args, **kwargs):

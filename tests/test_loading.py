@@ -61,7 +61,7 @@ def test_unknown_dtype_is_a_clear_error(tiny_llama):
 
 def test_an_evaluation_does_not_change_the_gradients(tiny_llama):
     """bitsandbytes' CPU bf16 inference repacking would silently cut the backward through the base."""
-    from helpers import lora_model
+    from qdylora.testing import lora_model
 
     model = lora_model(tiny_llama, r=4)
     ids = torch.randint(0, 300, (2, 10))

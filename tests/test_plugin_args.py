@@ -172,3 +172,34 @@ def test_plugin_class_without_axolotl_raises_install_hint():
 
     with pytest.raises(ImportError, match=r"pip install 'qdylora\[axolotl\]'"):
         qdylora.plugin.QDyLoraPlugin  # noqa: B018
+
+
+def test_docs_list_every_key_as_derived():
+    """docs/axolotl.md's table is the derived one: no key documented by hand, none missing."""
+    from qdylora.plugin.args import keys_table
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "axolotl.md").read_text()
+    assert keys_table() in docs, "regenerate the table: python -m qdylora.plugin.args"
+
+
+def test_keys_are_the_dataclass_fields_with_their_defaults():
+    import dataclasses
+
+    from qdylora.config import ExportSettings, SweepSettings
+
+    fields = QDyLoraArgs.model_fields
+    for cls, prefix in ((QDyLoraConfig, "qdylora_"), (SweepSettings, "qdylora_sweep_"), (ExportSettings, "qdylora_export_")):
+        for f in dataclasses.fields(cls):
+            key = f.metadata.get("axolotl", prefix + f.name)
+            if key is False:
+                assert prefix + f.name not in fields
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            assert fields[key].default == default and fields[key].description == f.metadata["help"], key
+    assert "qdylora_r_max" not in fields  # Axolotl's lora_r
+    m = Merged.model_validate(_cfg(qdylora_sweep_methods=["svd", "prefix"], qdylora_export_method="svd",
+                                   qdylora_export_ranks=[2]))
+    _, sweep, export = m.to_settings(m.lora_r)
+    assert sweep.methods == ["svd", "prefix"] and (export.method, export.ranks) == ("svd", [2])
+    with pytest.raises(ValidationError, match="qdylora_sweep_methods"):
+        Merged.model_validate(_cfg(qdylora_sweep_methods="pca"))

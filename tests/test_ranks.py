@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import lora_model
+from qdylora.testing import lora_model
 from qdylora import InputError, RankSampler, rank_scope
 from qdylora.loading import dequantized_weight
 from qdylora.ranks import DynamicRank, lora_layers

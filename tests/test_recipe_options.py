@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from helpers import lora_model
+from qdylora.testing import lora_model
 from qdylora import InputError, QDyLoraConfig, load_model, rank_scope
 from qdylora.exporters import export_adapter
 from test_trainer import datasets_, make_trainer  # noqa: F401  (fixture + builder)
@@ -30,7 +30,7 @@ def test_scaling_option_is_validated_and_serialised(tmp_path):
     symbolic = QDyLoraConfig(anchor_ranks=["r_max", 2])
     assert symbolic.anchor_ranks == [2, "r_max"]
     assert symbolic.resolve(8, 0).anchor_ranks == [2, 8]
-    with pytest.raises(InputError, match='non-empty list of integers.*or "r_max"'):
+    with pytest.raises(InputError, match='non-empty list of integers or r_max'):
         QDyLoraConfig(anchor_ranks=["max"])
 
 

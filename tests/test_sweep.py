@@ -5,7 +5,7 @@ import json
 import pytest
 
 from qdylora import InputError
-from qdylora.trainer_ext.sweep import SweepResult, recommend_rank, refine_ranks, save_sweep
+from qdylora.sweep_result import SweepResult, recommend_rank, refine_ranks, save_sweep
 
 
 def test_recommends_the_smallest_rank_within_tolerance():
@@ -77,7 +77,8 @@ def test_old_sweep_files_read_as_prefix():
 
 def test_greater_is_better_across_methods():
     vals = {"prefix": {1: 0.5, 4: 0.9}, "svd": {1: 0.895, 4: 0.9}}
-    from qdylora.trainer_ext.sweep import aurac, check_methods, recommend
+    from qdylora.config import check_methods
+    from qdylora.sweep_result import aurac, recommend
 
     assert recommend(vals, 0.01, greater_is_better=True) == (1, "svd")
     assert recommend(vals, 0.001, greater_is_better=True) == (4, "prefix")

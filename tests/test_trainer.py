@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-from helpers import lora_model
+from qdylora.testing import lora_model
 from qdylora import InputError, QDyLoraConfig, QDyLoraMixin, QDyLoraTrainer, load_model
 from qdylora.data import DataSpec, collator, load_tokenizer, tokenize
 

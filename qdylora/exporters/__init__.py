@@ -8,7 +8,7 @@
   merged one base shard at a time.
 """
 
-from .adapter import EXPORT_INFO, export_adapter, export_adapters, read_export_info
+from .adapter import EXPORT_INFO, export_adapter, export_adapters, export_report, read_export_info, rank_folder
 from .merged import export_merged
 from .source import SourceAdapter
 from .vllm import VLLM_RANKS, serve_command, vllm_rank
@@ -20,6 +20,8 @@ __all__ = [
     "export_adapter",
     "export_adapters",
     "export_merged",
+    "export_report",
+    "rank_folder",
     "read_export_info",
     "serve_command",
     "vllm_rank",

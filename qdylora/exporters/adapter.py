@@ -25,7 +25,7 @@ from ..config import write_json_atomic
 from ..errors import InputError
 from .source import WEIGHTS_NAME, SourceAdapter
 from .staging import staged_output
-from .vllm import VLLM_RANKS, check_vllm, padded
+from .vllm import VLLM_RANKS, check_vllm, padded, serve_command
 
 EXPORT_INFO = "qdylora_export.json"
 
@@ -190,3 +190,28 @@ def read_export_info(folder: str | os.PathLike) -> dict[str, Any]:
         raise InputError(f"{folder} has no {EXPORT_INFO}: it was not written by qdylora export")
     return json.loads(path.read_text())
 
+
+
+def export_report(adapter_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], *, vllm: bool = False,
+                  name: str | None = None) -> list[str]:
+    """The lines that say what was exported (one per folder) and, with `vllm`, how it was
+    checked and the `vllm serve` line (adapters named NAME, or NAME-r<b> for several)."""
+    infos = {Path(p): read_export_info(p) for p in paths}
+    lines = [
+        f"rank {info['rank']} ({info['method']}) of {adapter_dir} (r_max {info['r_max']}) -> {path}  "
+        f"(r={info['r']}, lora_alpha={info['exported_lora_alpha']:g})"
+        for path, info in infos.items()
+    ]
+    if vllm and infos:
+        stem = name or Path(adapter_dir).resolve().name
+        served = {
+            f"{stem}-r{info['rank']}" if len(infos) > 1 else stem: path.resolve() for path, info in infos.items()
+        }
+        first = next(iter(infos.values()))
+        check, shapes = first["vllm"], first["vllm"]["base_config_checked"]
+        lines.append(f"checked by {check['rules']}; shapes "
+                     + (f"match {shapes}" if shapes else
+                        f"NOT checked against the base: {check['base_config_not_checked_because']}"))
+        lines.append("serve with:")
+        lines.append(serve_command(first["base_model"], served, max(info["r"] for info in infos.values())))
+    return lines

@@ -26,7 +26,7 @@ from ..adapter_io import save_tensors
 from ..errors import InputError, first_line
 from ..loading import _dtype, default_compute_dtype
 from .adapter import EXPORT_INFO
-from .source import PEFT_PREFIX, TOKENIZER_FILES, RankPair, SourceAdapter
+from .source import PEFT_PREFIX, TOKENIZER_FILES, RankPair, SourceAdapter, resolve_base
 from .staging import staged_output
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -156,26 +156,6 @@ def export_merged(
     return Path(out_dir)
 
 
-def resolve_base(name: str | os.PathLike | None) -> Path:
-    """A local base folder: the path itself, or a hub id's snapshot in the local HF cache."""
-    if not name:
-        raise InputError("the adapter does not name its base model; pass --base MODEL_DIR")
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path
-    if path.is_absolute() or str(name).startswith((".", "~")) or str(name).count("/") > 1:
-        raise InputError(f"base model folder {name} does not exist; pass --base MODEL_DIR")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(str(name), local_files_only=True))
-    except Exception as exc:
-        raise InputError(
-            f"base model {name} is neither a local folder nor in the Hugging Face cache; "
-            f"download it first (hf download {name}) or pass --base MODEL_DIR"
-        ) from exc
-
-
 Edit = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -259,20 +239,11 @@ def nf4_weight_names(base: BaseCheckpoint) -> set[str]:
     subclasses.
     """
     import bitsandbytes as bnb
-    import transformers.integrations as integrations
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.quantizers.base import HfQuantizer
+    from transformers import AutoConfig
 
-    from ..loading import bnb_config, linear_subclasses_quantizable
+    from ..loading import quantized_skeleton
 
-    config = AutoConfig.from_pretrained(base.folder)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    skip = HfQuantizer.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
-    with linear_subclasses_quantizable():
-        model = integrations.replace_with_bnb_linear(
-            model, modules_to_not_convert=skip, quantization_config=bnb_config(torch.float32)
-        )
+    model = quantized_skeleton(AutoConfig.from_pretrained(base.folder), torch.float32)
     names = {n + ".weight" for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     missing = sorted(names - set(base.shapes))
     if missing:

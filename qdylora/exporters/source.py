@@ -32,6 +32,7 @@ from ..adapter_io import PEFT_PREFIX, WEIGHTS_NAME, LoraModule, check_adapter, r
 from ..config import CONFIG_NAME
 from ..errors import InputError
 from ..ranks import check_method, lora_scale, svd_truncate
+from ..sweep_result import SweepResult
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -118,8 +119,6 @@ class SourceAdapter:
 
     def sweep(self):
         """The rank sweep recorded in qdylora_config.json, or None."""
-        from ..trainer_ext.sweep import SweepResult
-
         data = (self.qdylora or {}).get("sweep")
         return SweepResult.from_dict(data) if data else None
 
@@ -281,3 +280,23 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def resolve_base(name: str | os.PathLike | None) -> Path:
+    """A local base folder: the path itself, or a hub id's snapshot in the local HF cache."""
+    if not name:
+        raise InputError("the adapter does not name its base model; pass --base MODEL_DIR")
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_absolute() or str(name).startswith((".", "~")) or str(name).count("/") > 1:
+        raise InputError(f"base model folder {name} does not exist; pass --base MODEL_DIR")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(name), local_files_only=True))
+    except Exception as exc:
+        raise InputError(
+            f"base model {name} is neither a local folder nor in the Hugging Face cache; "
+            f"download it first (hf download {name}) or pass --base MODEL_DIR"
+        ) from exc

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from .source import RankPair, SourceAdapter, lora_scale
+from .source import RankPair, SourceAdapter, lora_scale, resolve_base
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
 _SUPPORTED_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")  # string inits that leave W alone
@@ -152,8 +152,6 @@ def check_base_shapes(source: SourceAdapter) -> tuple[str | None, str | None]:
     on a mismatch or a module the base lacks. Returns (the config.json compared with, None),
     or (None, why not) when the base is not on this machine or its config cannot be read.
     """
-    from .merged import resolve_base
-
     try:
         folder = resolve_base(source.base_model)
     except InputError as exc:

@@ -1,93 +1,84 @@
 """The plugin's YAML keys: a pydantic model that Axolotl merges into its config schema.
 
-Every `qdylora_*` key becomes a top-level key of the Axolotl YAML. The values are checked
-by `QDyLoraConfig` itself (one source of truth for what a valid setting is), together
-with the parts of the Axolotl config QDyLoRA depends on: a LoRA/QLoRA adapter whose
-`lora_r` is r_max, no fused LoRA kernels (they read lora_A/lora_B directly and would
-bypass the rank truncation), no DoRA, and supervised fine-tuning (no `rl:`).
+The keys are DERIVED from the settings dataclasses of `qdylora.config`, never listed here:
+`qdylora_<field>` for each `QDyLoraConfig` field (r_max excepted: it is Axolotl's
+`lora_r`), `qdylora_sweep_<field>` for `SweepSettings` (`enabled` is `qdylora_sweep`) and
+`qdylora_export_<field>` for `ExportSettings`, with the same defaults and help; plus
+`qdylora_preset`. So a new field of those dataclasses is a new Axolotl key at once.
+
+The values are checked by the dataclasses themselves (one source of truth for what a
+valid setting is), together with the parts of the Axolotl config QDyLoRA depends on: a
+LoRA/QLoRA adapter whose `lora_r` is r_max, no fused LoRA kernels (they read
+lora_A/lora_B directly and would bypass the rank truncation), no DoRA, and supervised
+fine-tuning (no `rl:`).
 
 This module needs pydantic only, so it imports without Axolotl.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, Union
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, create_model, model_validator
 
-from ..config import QDyLoraConfig
+from ..config import RECOMMENDED, ExportSettings, QDyLoraConfig, SweepSettings, export_problem
+from ..errors import InputError
 
 PLUGIN = "qdylora.plugin.QDyLoraPlugin"
 ADAPTERS = ("lora", "qlora")
 # Axolotl's fused LoRA kernels compute B(A x) from the weights in one op: no truncation.
 FUSED_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
-RECOMMENDED = "recommended"
+# settings dataclass -> prefix of its Axolotl keys
+SECTIONS: dict[type, str] = {QDyLoraConfig: "qdylora_", SweepSettings: "qdylora_sweep_", ExportSettings: "qdylora_export_"}
 
 
-class QDyLoraArgs(BaseModel):
-    """QDyLoRA settings in an Axolotl config (`plugins: [qdylora.plugin.QDyLoraPlugin]`).
+def axolotl_keys(cls: type) -> dict[str, str]:
+    """{field name: Axolotl key} of a settings dataclass (fields marked `axolotl=False` left out)."""
+    keys = {}
+    for f in dataclasses.fields(cls):
+        key = f.metadata.get("axolotl", SECTIONS[cls] + f.name)
+        if key is not False:
+            keys[f.name] = key
+    return keys
 
-    r_max is Axolotl's `lora_r`; the LoRA scale is `lora_alpha / b` at rank b
-    (`lora_alpha / sqrt(b)` with `peft_use_rslora: true` or `qdylora_scaling: sqrt`).
-    """
 
-    qdylora_preset: str | None = Field(
-        default=None,
-        description="Start from a named recipe (QDyLoraConfig.preset: paper, ...); qdylora_* keys set here override it.",
-    )
-    qdylora_r_min: int = Field(default=1, description="Smallest rank drawn in training (>= 1).")
-    qdylora_distribution: str = Field(
-        default="uniform",
-        description="How the rank b of each step is drawn from r_min..lora_r: uniform (the paper) or log_uniform.",
-    )
-    qdylora_ranks: list[int] | None = Field(
-        default=None, description="Draw only from these ranks (e.g. [1, 8, 16, 32, 64]) instead of every integer."
-    )
-    qdylora_update: str = Field(
-        default="full",
-        description="full: the first b rows/columns all learn (the paper); frozen: only row/column b-1 learns (DyLoRA).",
-    )
-    qdylora_sample_every: str = Field(
-        default="optimizer_step",
-        description="optimizer_step: one rank per optimizer step (shared by its gradient-accumulation micro-batches); micro_batch: one per micro-batch.",
-    )
-    qdylora_seed: int | None = Field(
-        default=None, description="Seed of the rank sequence; default: the config's `seed`."
-    )
-    qdylora_truncation: str = Field(
-        default="slice", description="slice: compute follows b; mask: full shapes, rank dimension masked (sharding engines)."
-    )
-    qdylora_scaling: str | None = Field(
-        default=None,
-        description="LoRA scale at rank b: linear (lora_alpha / b, the paper) or sqrt (lora_alpha / sqrt(b), rsLoRA); "
-        "default: follow peft_use_rslora.",
-    )
-    qdylora_anchor_ranks: list[int | Literal["r_max"]] | None = Field(
-        default=None,
-        description="Ranks also trained in every step beside the drawn one (e.g. [r_max], r_max meaning lora_r); one more forward/backward "
-        "per anchor and step; not with DeepSpeed.",
-    )
-    qdylora_loss_weight: str = Field(
-        default="equal",
-        description="equal (the paper) or inverse_scale: the loss at rank b weighted s(r_max)/s(b), so the optimizer "
-        "sees gradients of one size at every rank.",
-    )
-    qdylora_eval_ranks: list[int] | None = Field(
-        default=None,
-        description="Ranks measured by the rank sweep after training (needs an eval set); default: r_min, powers of two, lora_r.",
-    )
-    qdylora_sweep: bool = Field(
-        default=True, description="Run the rank sweep after training when there is an eval set."
-    )
-    qdylora_export_ranks: list[int | Literal["recommended"]] | None = Field(
-        default=None,
-        description="Ranks to export after training as standard PEFT adapters into output_dir/qdylora-exports/rank-<b>; "
-        "'recommended' is the sweep's pick.",
-    )
-    qdylora_export_vllm: bool = Field(
-        default=False,
-        description="Check each export for vLLM before writing it (vLLM's rules, shapes against the base) and log the vllm serve line.",
-    )
+def _loose(hint: Any) -> Any:
+    """The annotation with `Literal`s widened to `str`: the dataclass checks choices, with its message."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return str
+    if origin in (Union, types.UnionType):
+        return Union[tuple(_loose(a) for a in typing.get_args(hint))]  # noqa: UP007
+    if origin is list:
+        return list[_loose(typing.get_args(hint)[0])]
+    return hint
+
+
+def _fields() -> dict[str, Any]:
+    """pydantic field definitions of every derived key, in the dataclasses' order."""
+    out: dict[str, Any] = {
+        "qdylora_preset": (str | None, Field(
+            default=None,
+            description="Start from a named recipe (QDyLoraConfig.preset: paper, balanced); qdylora_* keys set "
+            "here override it.",
+        )),
+    }
+    for cls in SECTIONS:
+        hints = typing.get_type_hints(cls)
+        keys = axolotl_keys(cls)
+        for f in dataclasses.fields(cls):
+            if f.name not in keys:
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            out[keys[f.name]] = (_loose(hints[f.name]), Field(default=default, description=f.metadata.get("help", "")))
+    return out
+
+
+class _Checks(BaseModel):
+    """The validators of the derived model (its fields come from `_fields()`)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -101,50 +92,65 @@ class QDyLoraArgs(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _check_qdylora_settings(self) -> QDyLoraArgs:
+    def _check_qdylora_settings(self) -> Any:
         if hasattr(self, "plugins") and not listed(self.plugins):
             return self  # Axolotl keeps plugins of earlier configs registered in-process
         lora_r = getattr(self, "lora_r", None)  # present when merged into Axolotl's config
-        try:
-            config = self.to_qdylora_config(lora_r)
-            if self.qdylora_export_ranks:
-                config.check_ranks(
-                    [r for r in self.qdylora_export_ranks if r != RECOMMENDED], what="qdylora_export_ranks"
-                )
-        except ValueError as exc:  # InputError: say which YAML keys to look at
-            raise ValueError(f"qdylora_* settings: {exc}") from exc
-        in_axolotl = hasattr(self, "plugins")  # merged into Axolotl's config, not standalone
-        if in_axolotl and RECOMMENDED in (self.qdylora_export_ranks or []):
+        config, sweep, export = self.to_settings(lora_r)  # each dataclass checks its own values
+        if export.ranks:
+            try:
+                config.check_ranks([r for r in export.ranks if r != RECOMMENDED], what="qdylora_export_ranks")
+            except InputError as exc:
+                raise ValueError(f"qdylora_* settings: {exc}") from exc
+        if hasattr(self, "plugins"):  # merged into Axolotl's config, not standalone
             has_eval = bool(getattr(self, "val_set_size", 0)) or bool(getattr(self, "test_datasets", None))
-            if not (self.qdylora_sweep and has_eval):
-                raise ValueError(
-                    "qdylora_export_ranks lists 'recommended', which comes from the rank sweep: "
-                    "set val_set_size (or test_datasets) and keep qdylora_sweep: true, or list explicit ranks"
-                )
+            problem = export_problem(export, sweep, has_eval, {
+                "ranks": "qdylora_export_ranks", "method": "qdylora_export_method", "enabled": "qdylora_sweep: true",
+                "methods": "qdylora_sweep_methods", "eval": "val_set_size (or test_datasets)"})
+            if problem:
+                raise ValueError(problem)
         return self
 
-    def to_qdylora_config(self, lora_r: int | None = None) -> QDyLoraConfig:
-        """The `QDyLoraConfig` these keys describe (r_max = Axolotl's lora_r).
+    def to_settings(self, lora_r: int | None = None) -> tuple[QDyLoraConfig, SweepSettings, ExportSettings]:
+        """The settings these keys describe (r_max = Axolotl's lora_r).
 
         With `qdylora_preset`, the preset's values stand unless a key is set explicitly.
         """
-        fields = {
-            "r_min": self.qdylora_r_min,
-            "distribution": self.qdylora_distribution,
-            "ranks": self.qdylora_ranks,
-            "update": self.qdylora_update,
-            "sample_every": self.qdylora_sample_every,
-            "eval_ranks": self.qdylora_eval_ranks,
-            "seed": self.qdylora_seed,
-            "truncation": self.qdylora_truncation,
-            "scaling": self.qdylora_scaling,
-            "anchor_ranks": self.qdylora_anchor_ranks,
-            "loss_weight": self.qdylora_loss_weight,
-        }
-        if self.qdylora_preset is None:
-            return QDyLoraConfig(r_max=lora_r, **fields)
-        explicit = {k: v for k, v in fields.items() if f"qdylora_{k}" in self.model_fields_set}
-        return QDyLoraConfig.preset(self.qdylora_preset, r_max=lora_r, **explicit)
+        built = []
+        for cls in SECTIONS:
+            keys = axolotl_keys(cls)
+            values = {name: getattr(self, key) for name, key in keys.items()}
+            try:
+                if cls is QDyLoraConfig and self.qdylora_preset is not None:
+                    explicit = {n: v for n, v in values.items() if keys[n] in self.model_fields_set}
+                    built.append(QDyLoraConfig.preset(self.qdylora_preset, r_max=lora_r, **explicit))
+                elif cls is QDyLoraConfig:
+                    built.append(QDyLoraConfig(r_max=lora_r, **values))
+                else:
+                    built.append(cls(**values))
+            except InputError as exc:  # name the YAML key the message is about
+                message = str(exc)
+                for name, key in keys.items():
+                    if message.startswith(name) and not message[len(name):][:1].isalnum() and message[len(name):][:1] != "_":
+                        message = key + message[len(name):]
+                        break
+                raise ValueError(f"qdylora_* settings: {message}") from exc
+        return built[0], built[1], built[2]
+
+    def to_qdylora_config(self, lora_r: int | None = None) -> QDyLoraConfig:
+        """The `QDyLoraConfig` these keys describe (r_max = Axolotl's lora_r)."""
+        return self.to_settings(lora_r)[0]
+
+
+QDyLoraArgs = create_model(
+    "QDyLoraArgs",
+    __base__=_Checks,
+    __module__=__name__,
+    __doc__="QDyLoRA settings in an Axolotl config (`plugins: [qdylora.plugin.QDyLoraPlugin]`), derived from "
+    "qdylora.config's dataclasses. r_max is Axolotl's `lora_r`; the LoRA scale is `lora_alpha / b` at rank b "
+    "(`lora_alpha / sqrt(b)` with `peft_use_rslora: true` or `qdylora_scaling: sqrt`).",
+    **_fields(),
+)
 
 
 def listed(plugins: Any) -> bool:
@@ -181,3 +187,19 @@ def axolotl_problem(cfg: Any) -> str | None:
             f"set {', '.join(f'{k}: false' for k in on)}"
         )
     return None
+
+
+def keys_table() -> str:
+    """The Markdown table of every qdylora_* key (default and help), as docs/axolotl.md shows it."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key, info in QDyLoraArgs.model_fields.items():
+        value = info.default
+        shown = str(value).lower() if isinstance(value, bool) else (
+            "[" + ", ".join(map(str, value)) + "]" if isinstance(value, list) else value)
+        default = "none" if value is None else f"`{shown}`"
+        rows.append(f"| `{key}` | {default} | {info.description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m qdylora.plugin.args: the table for docs/axolotl.md
+    print(keys_table())

@@ -5,16 +5,21 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from ..config import QDyLoraConfig
+from ..config import ExportSettings, QDyLoraConfig, SweepSettings
 from ..trainer_ext import QDyLoraMixin
 from .args import QDyLoraArgs
 
 
-def qdylora_config(cfg: Any) -> QDyLoraConfig:
-    """The `QDyLoraConfig` of a validated Axolotl config (its qdylora_* keys, r_max = lora_r)."""
+def settings(cfg: Any) -> tuple[QDyLoraConfig, SweepSettings, ExportSettings]:
+    """The settings of a validated Axolotl config (its qdylora_* keys, r_max = lora_r)."""
     keys = {k: cfg.get(k) for k in QDyLoraArgs.model_fields if cfg.get(k) is not None}
-    # the keys were validated with the whole config; QDyLoraConfig checks the values again
-    return QDyLoraArgs.model_construct(**keys).to_qdylora_config(cfg.get("lora_r"))
+    # the keys were validated with the whole config; the dataclasses check the values again
+    return QDyLoraArgs.model_construct(**keys).to_settings(cfg.get("lora_r"))
+
+
+def qdylora_config(cfg: Any) -> QDyLoraConfig:
+    """The `QDyLoraConfig` of a validated Axolotl config."""
+    return settings(cfg)[0]
 
 
 def with_qdylora(base: type, config: QDyLoraConfig) -> type:

@@ -18,9 +18,10 @@ What it does, hook by hook:
 - `post_trainer_create`: checks that the trainer really is the composed one and logs the
   rank settings; the rank drawn per step is logged with the loss (`rank`, `rank_mean`).
 - `post_train` (Axolotl calls it right after `trainer.train()` and again after the final
-  save): first the rank sweep on the eval set (rank_sweep.json and rank_sweep.png in
-  output_dir), then, once the adapter is in output_dir, qdylora_config.json beside it and
-  the exports of `qdylora_export_ranks` into output_dir/qdylora-exports/rank-<b>/.
+  save): the steps of `qdylora.workflow` that follow training: first the rank sweep on the
+  eval set (rank_sweep.json and rank_sweep.png in output_dir), then, once the adapter is
+  in output_dir, qdylora_config.json beside it, the exports of `qdylora_export_ranks` into
+  output_dir/qdylora-exports/rank-<b>/, and the report (the same lines `qdylora train` prints).
 """
 
 from __future__ import annotations
@@ -42,14 +43,13 @@ except ImportError as exc:  # pragma: no cover - the lazy import in __init__ rep
     ) from exc
 
 from ..loading import linear_subclasses_quantizable, unquantized_linears
-from ..trainer_ext import QDyLoraMixin, save_sweep
+from ..trainer_ext import QDyLoraMixin
 from .args import FUSED_KERNELS, PLUGIN, QDyLoraArgs, listed
-from .compose import qdylora_config, with_qdylora
+from .compose import qdylora_config, settings, with_qdylora
 
 # Axolotl shows INFO records of `axolotl.*` loggers only (others from WARNING up)
 LOG = get_logger("axolotl.integrations.qdylora")
 
-EXPORTS_DIR = "qdylora-exports"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -155,18 +155,13 @@ class QDyLoraPlugin(BasePlugin):
 
     def _sweep(self, cfg: DictDefault) -> None:
         """Evaluate every sweep rank on the eval set (on every process; rank 0 writes)."""
-        trainer = self.trainer
+        from ..workflow import sweep
+
         self._swept = True
-        if cfg.get("qdylora_sweep") is False:
-            return
-        if trainer.eval_dataset is None:
+        if self.trainer.eval_dataset is None and cfg.get("qdylora_sweep") is not False:
             LOG.info("QDyLoRA: no eval set (val_set_size / test_datasets), so no rank sweep")
             return
-        trainer.evaluate_ranks()
-        if trainer.is_world_process_zero():
-            json_path, png_path = save_sweep(trainer.rank_sweep, cfg.output_dir)
-            LOG.info(f"QDyLoRA rank sweep:\n{trainer.rank_sweep.table()}")
-            LOG.info(f"QDyLoRA: recommended rank {trainer.rank_sweep.recommended_rank}; wrote {json_path} and {png_path}")
+        sweep(self.trainer, settings(cfg)[1], cfg.output_dir)
 
     def _adapter_saved(self, cfg: DictDefault) -> bool:
         """Whether this run's final adapter is in output_dir (not a previous run's)."""
@@ -174,33 +169,15 @@ class QDyLoraPlugin(BasePlugin):
         return weights.is_file() and weights.stat().st_mtime >= self._created_at
 
     def _finish(self, cfg: DictDefault) -> None:
-        """qdylora_config.json beside the saved adapter, then the requested exports."""
+        """qdylora_config.json beside the saved adapter, then the requested exports, then the report."""
+        from ..workflow import export, record, report
+
         trainer, self.trainer = self.trainer, None
         if not trainer.is_world_process_zero():
             return
         out = Path(cfg.output_dir)
-        # sweep=None replaces a sweep left in output_dir by an earlier run
-        sweep = trainer.rank_sweep.to_dict(samples=False) if trainer.rank_sweep is not None else None
-        trainer.qdylora_config.save_pretrained(out, sweep=sweep)
-        LOG.info(f"QDyLoRA: wrote {out / 'qdylora_config.json'} (adapter stored at r_max={trainer.qdylora_config.r_max})")
-        if cfg.get("qdylora_export_ranks"):
-            export(out, cfg.qdylora_export_ranks, vllm=bool(cfg.get("qdylora_export_vllm")))
-
-
-def export(adapter_dir: Path, ranks: list[int | str], *, vllm: bool) -> dict[int, Path]:
-    """Write each rank of the adapter in `adapter_dir` to adapter_dir/qdylora-exports/rank-<b>/."""
-    from ..exporters import export_adapters, read_export_info, serve_command
-
-    # OUTPUT/exports is the plugin's own subfolder of the run: the adapter files are only read
-    written = export_adapters(
-        adapter_dir, adapter_dir / EXPORTS_DIR, ranks, vllm=vllm, overwrite=True, inside_adapter=True
-    )
-    infos = {b: read_export_info(path) for b, path in written.items()}
-    for b, path in written.items():
-        LOG.info(f"QDyLoRA: exported rank {b} -> {path} (r={infos[b]['r']}, lora_alpha={infos[b]['exported_lora_alpha']:g})")
-    if vllm and written:
-        served = {f"{adapter_dir.resolve().name}-r{b}": path.resolve() for b, path in written.items()}
-        base_model = next(iter(infos.values()))["base_model"]
-        command = serve_command(base_model, served, max(info["r"] for info in infos.values()))
-        LOG.info(f"QDyLoRA: serve with: {command}")
-    return written
+        record(trainer, out)
+        export_settings = settings(cfg)[2]
+        exports = export(out, export_settings)
+        lines = report(out, trainer.qdylora_config.r_max, trainer.rank_sweep, exports, vllm=export_settings.vllm)
+        LOG.info("QDyLoRA:\n" + "\n".join(lines))

@@ -1,7 +1,10 @@
-"""Trainer integration: the QDyLoRA trainer, its mixin and the rank sweep."""
+"""Trainer integration: the QDyLoRA trainer, its mixin, its callbacks and the sweep loop.
 
+`SweepResult` and friends are re-exported from `qdylora.sweep_result` for convenience.
+"""
+
+from ..sweep_result import SweepResult, plot_sweep, recommend_rank, refine_ranks, save_sweep
 from .callbacks import RankSamplesCallback
-from .sweep import SweepResult, plot_sweep, recommend_rank, refine_ranks, save_sweep
 from .trainer import QDyLoraMixin, QDyLoraTrainer
 
 __all__ = [

@@ -13,7 +13,8 @@ from ..config import QDyLoraConfig
 from ..distributed import check_engine
 from ..errors import InputError
 from ..ranks import DynamicRank, RankSampler, check_lora_model, rank_scale
-from .sweep import SweepResult, run_sweep
+from ..sweep_result import SweepResult
+from .sweep import run_sweep
 
 
 class QDyLoraMixin:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from ..errors import InputError
+from .params import METHOD_HELP, RankList, check_method_option
 
 
 @click.group("export")
@@ -14,72 +13,36 @@ def export() -> None:
     """Ship a rank of a QDyLoRA adapter as a PEFT/vLLM adapter or a merged model."""
 
 
-METHOD_HELP = (
-    "prefix: the first b rows/columns (the rank QDyLoRA trained); svd: the best rank-b approximation of each "
-    "layer's delta (any LoRA adapter, no --force needed). Default: prefix, or the sweep's method with --rank recommended."
-)
-
-
-def _method(method: str | None) -> str | None:
-    """--method, checked here so that a typo is one line (exit 2), not click's usage block."""
-    from ..ranks import check_method
-
-    return None if method is None else check_method(method.strip().lower())
-
-
-def _ranks(rank: str | None, ranks: str | None) -> list[int | str] | None:
+def _ranks(rank: str | None, ranks: list | None) -> list[int | str] | None:
     """--rank B (one folder) or --ranks LIST (one subfolder per rank); None means --rank."""
-    from ..cli import parse_ranks
-
     if (rank is None) == (ranks is None):
         raise InputError("give exactly one of --rank B or --ranks LIST (e.g. --ranks 2,8,16)")
-    if ranks is None:
-        return None
-    try:
-        return parse_ranks(None, None, ranks)
-    except click.BadParameter as exc:
-        raise InputError(f"--ranks: {exc.message}") from exc
+    return ranks
 
 
 @export.command("adapter")
 @click.argument("adapter_dir", type=click.Path())
 @click.option("--rank", default=None, help="Rank b to export (r_min..r_max), or 'recommended' (the sweep's pick).")
-@click.option("--ranks", default=None, help="Several ranks, e.g. 2,8,16: one subfolder OUT/rank-<b> per rank.")
+@click.option("--ranks", default=None, type=RankList(recommended=True),
+              help="Several ranks, e.g. 2,8,16, 1-4 or recommended: one subfolder OUT/rank-<b> per rank.")
 @click.option("--out", required=True, type=click.Path(), help="Folder to create.")
 @click.option("--vllm", is_flag=True, help="Check vLLM's rules and the shapes against the base first; print the serve line.")
 @click.option("--pad-to", type=int, default=None, help="Zero-pad to this rank (alpha rescaled; output unchanged; vLLM does not need it).")
 @click.option("--name", default=None, help="Name of the adapter in the vllm serve line (default: ADAPTER_DIR's name).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--force", is_flag=True, help="Prefix-cut an adapter without qdylora_config.json (not trained with qdylora).")
-@click.option("--method", default=None, help=METHOD_HELP)
+@click.option("--method", default=None, callback=check_method_option, help=METHOD_HELP)
 def adapter(adapter_dir: str, rank, ranks, out: str, vllm: bool, pad_to, name, overwrite: bool, force: bool, method) -> None:
     """Write rank b of ADAPTER_DIR as a standard PEFT LoRA adapter (r = b, same lora_alpha)."""
-    from . import export_adapter, export_adapters, read_export_info, serve_command
+    from ..exporters import export_adapter, export_adapters, export_report
 
     many = _ranks(rank, ranks)
-    options = dict(pad_to=pad_to, vllm=vllm, overwrite=overwrite, force=force, method=_method(method))
+    options = dict(pad_to=pad_to, vllm=vllm, overwrite=overwrite, force=force, method=method)
     if many is None:
         paths = [export_adapter(adapter_dir, out, rank, **options)]
     else:
         paths = list(export_adapters(adapter_dir, out, many, **options).values())
-    infos = {path: read_export_info(path) for path in paths}
-    for path, info in infos.items():
-        click.echo(
-            f"rank {info['rank']} ({info['method']}) of {adapter_dir} (r_max {info['r_max']}) -> {path}  "
-            f"(r={info['r']}, lora_alpha={info['exported_lora_alpha']:g})"
-        )
-    if vllm:
-        stem = name or Path(adapter_dir).resolve().name
-        served = {
-            f"{stem}-r{info['rank']}" if len(infos) > 1 else stem: Path(path).resolve() for path, info in infos.items()
-        }
-        base = next(iter(infos.values()))["base_model"]
-        check = next(iter(infos.values()))["vllm"]
-        shapes = check["base_config_checked"]
-        click.echo(f"checked by {check['rules']}; shapes "
-                   + (f"match {shapes}" if shapes else f"NOT checked against the base: {check['base_config_not_checked_because']}"))
-        click.echo("serve with:")
-        click.echo(serve_command(base, served, max(info["r"] for info in infos.values())))
+    click.echo("\n".join(export_report(adapter_dir, paths, vllm=vllm, name=name)))
 
 
 @export.command("merged")
@@ -98,18 +61,17 @@ def adapter(adapter_dir: str, rank, ranks, out: str, vllm: bool, pad_to, name, o
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--force", is_flag=True, help="Prefix-cut an adapter without qdylora_config.json (not trained with qdylora).")
-@click.option("--method", default=None, help=METHOD_HELP)
+@click.option("--method", default=None, callback=check_method_option, help=METHOD_HELP)
 def merged(
     adapter_dir: str, rank: str, out: str, base, dtype: str, base_weights: str, compute_dtype, overwrite: bool,
     force: bool, method,
 ) -> None:
     """Merge rank b of ADAPTER_DIR into its base: a standalone transformers model folder (streamed shard by shard)."""
-    from .adapter import read_export_info
-    from .merged import export_merged
+    from ..exporters import export_merged, read_export_info
 
     path = export_merged(
         adapter_dir, out, rank, base_model=base, dtype=dtype, base_weights=base_weights,
-        compute_dtype=compute_dtype, overwrite=overwrite, force=force, method=_method(method),
+        compute_dtype=compute_dtype, overwrite=overwrite, force=force, method=method,
     )
     info = read_export_info(path)
     click.echo(

@@ -23,7 +23,7 @@ def demo(out: str, overwrite: bool, steps: int | None, r_max: int | None, seed: 
     once into ~/.cache/qdylora (or $QDYLORA_CACHE). 4-9 minutes on 2 CPU cores (measured; it depends on the host); a GPU
     is used when there is one.
     """
-    from .run import DemoSettings, run_demo, summary
+    from ..demo.run import DemoSettings, run_demo, summary
 
     overrides = {k: v for k, v in {"steps": steps, "r_max": r_max}.items() if v is not None}
     settings = DemoSettings(seed=seed, threads=threads, **overrides)

@@ -6,19 +6,13 @@ from pathlib import Path
 
 import click
 
-from .errors import InputError, check_output_file
-
-
-def _ranks(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
-    """`qdylora.cli.parse_ranks`, imported when called: cli.py imports this module at its end."""
-    from .cli import parse_ranks
-
-    return parse_ranks(ctx, param, value)
+from ..errors import InputError, check_output_file
+from .params import RankList
 
 
 @click.command()
 @click.argument("adapter_dir", type=click.Path())
-@click.option("--ranks", required=True, callback=_ranks, help="Ranks to answer at, e.g. 1,8,16,64 or 1-4,16.")
+@click.option("--ranks", required=True, type=RankList(), help="Ranks to answer at, e.g. 1,8,16,64 or 1-4,16.")
 @click.option("--prompt", "prompt_texts", multiple=True, help="A prompt (repeat for several; they come before those of --prompts).")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), help="File: one prompt per line, or JSONL with a prompt field.")
 @click.option("--base", default=None, help="Base model (default: the adapter's base_model_name_or_path).")
@@ -52,11 +46,11 @@ def generate(
     no_4bit: bool,
 ) -> None:
     """Answer prompts at several ranks of one adapter (the base is loaded once)."""
-    from . import loading
-    from .adapter_io import check_adapter
-    from .config import write_json_atomic
-    from .data import check_template
-    from .generation import format_samples, generate_across_ranks, read_prompts, samples_by_prompt
+    from .. import loading
+    from ..adapter_io import check_adapter
+    from ..config import write_json_atomic
+    from ..data import check_template
+    from ..generation import format_samples, generate_across_ranks, read_prompts, samples_by_prompt
 
     # everything that can be wrong is checked before the (slow) model load
     prompts = list(prompt_texts) + (read_prompts(prompts_file) if prompts_file else [])

@@ -1,0 +1,5 @@
+"""`python -m qdylora.cli ...` is `qdylora ...`."""
+
+from . import main
+
+main()

@@ -1,0 +1,305 @@
+"""Where a run happens, top to bottom: check -> build -> train -> save -> sweep -> export -> report.
+
+`run(recipe)` is `qdylora train CONFIG.yaml` and `qdylora demo` (the demo is a `Recipe`).
+The Axolotl plugin trains with Axolotl's own loop and calls the same steps after it:
+`sweep`, `record` and `export`, then logs `report`. `sweep_adapter` measures a saved
+adapter folder (`qdylora sweep`).
+
+Everything that can be checked is checked before the model loads, the adapter is saved
+BEFORE the sweep (nothing after training can lose it), and a run refused before training
+leaves no output folder behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import ExportSettings, SweepSettings, check_methods
+from .errors import InputError, check_creatable, is_int
+from .recipe import Recipe
+from .sweep_result import SweepResult, save_sweep
+
+EXPORTS_DIR = "qdylora-exports"  # <output_dir>/qdylora-exports/rank-<b>/
+
+
+@dataclass
+class RunResult:
+    """What a run wrote: the adapter (r_max), its sweep, its exports ({rank: folder})."""
+
+    adapter_dir: Path
+    trainer: Any
+    sweep: SweepResult | None = None
+    exports: dict[int, Path] = field(default_factory=dict)
+    vllm: bool = False
+
+    def report(self) -> list[str]:
+        """The lines a user reads at the end: the sweep table, the pick, where things are."""
+        return report(self.adapter_dir, self.trainer.qdylora_config.r_max, self.sweep, self.exports, vllm=self.vllm)
+
+
+def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> RunResult:
+    """Train, save the adapter (r_max) with qdylora_config.json, sweep, export, as the recipe says."""
+    out = Path(recipe.training["output_dir"])
+    recipe.training_args()  # TrainingArguments' own checks (optim name, bf16 on this machine, ...)
+    checkpoint = check_output_dir(out, overwrite=overwrite, resume=resume)
+    existed = out.exists()
+    try:
+        trainer = build(recipe)
+        train_from(trainer, checkpoint)
+    except BaseException:
+        if not existed:
+            _remove_empty_tree(out)  # only what this run created and left empty
+        raise
+    trainer.save_model(str(out))  # the adapter is safe on disk before anything else runs
+    result = sweep(trainer, recipe.sweep, out)
+    record(trainer, out)
+    exports = export(out, recipe.export) if trainer.is_world_process_zero() else {}
+    return RunResult(out, trainer, result, exports, vllm=recipe.export.vllm)
+
+
+def check_output_dir(out: Path, *, overwrite: bool, resume: bool) -> str | None:
+    """Refuse an unusable output_dir; with `resume`, return the checkpoint to resume from (checked)."""
+    from .adapter_io import WEIGHTS_NAME, tensor_shapes
+
+    if out.exists() and not out.is_dir():
+        raise InputError(f"training.output_dir {out} is a file; choose a folder")
+    if not out.exists():
+        check_creatable(out, "training.output_dir")
+    if not resume:
+        if out.is_dir() and any(out.iterdir()) and not overwrite:
+            raise InputError(f"output folder {out} exists and is not empty; pass --overwrite or --resume")
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if last is None:
+        raise InputError(f"--resume: {out} has no checkpoint-N folder to resume from; drop --resume to start afresh")
+    weights = Path(last) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise InputError(f"--resume: {last} has no {WEIGHTS_NAME}; the checkpoint is incomplete")
+    tensor_shapes(weights)  # a truncated checkpoint is refused here, not after loading the model
+    return last
+
+
+def build(recipe: Recipe):
+    """The trainer a recipe describes: data read and tokenized, model loaded (4-bit), LoRA on, seeded."""
+    from peft import get_peft_model
+    from transformers import enable_full_determinism, set_seed
+
+    from .data import collator, load_records, load_tokenizer, resolve_fields, tokenize
+    from .loading import check_model_folder, load_model
+    from .trainer_ext import QDyLoraTrainer, RankSamplesCallback
+
+    # cheap checks of the inputs first: model folder, data and its fields
+    check_model_folder(recipe.model, recipe.trust_remote_code)
+    records = load_records(recipe.data)
+    if len(records) == 0:
+        raise InputError(f"{recipe.data.path} holds no records")
+    resolve_fields(recipe.data, records.column_names)
+    eval_records = None
+    if recipe.eval_data is not None:
+        eval_records = load_records(recipe.eval_data)
+        resolve_fields(recipe.eval_data, eval_records.column_names)
+
+    tokenizer = load_tokenizer(recipe.model, recipe.trust_remote_code)
+    eval_ds = None
+    if eval_records is not None:
+        eval_ds = tokenize(recipe.eval_data, tokenizer, eval_records)
+    elif recipe.eval_size:
+        split = records.train_test_split(test_size=recipe.eval_size, seed=recipe.training.get("seed", 42))
+        records, eval_ds = split["train"], tokenize(recipe.data, tokenizer, split["test"])
+    train_ds = tokenize(recipe.data, tokenizer, records)
+
+    args = recipe.training_args()
+    model = load_model(
+        recipe.model,
+        load_in_4bit=recipe.load_in_4bit,
+        compute_dtype=recipe.compute_dtype,
+        quant_storage=recipe.quant_storage,
+        trust_remote_code=recipe.trust_remote_code,
+        gradient_checkpointing=bool(args.gradient_checkpointing),
+    )
+    # seed BEFORE the LoRA layers are created: their initialisation draws random numbers
+    if args.full_determinism:
+        enable_full_determinism(args.seed)
+    else:
+        set_seed(args.seed)
+    model = get_peft_model(model, recipe.lora_config())
+    trainer = QDyLoraTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=collator(tokenizer),
+        processing_class=tokenizer,
+        qdylora_config=recipe.qdylora,
+    )
+    if recipe.samples is not None:
+        trainer.add_callback(RankSamplesCallback(
+            trainer, recipe.samples.prompts, recipe.samples.ranks, max_new_tokens=recipe.samples.max_new_tokens,
+            template=recipe.data.template, chat_template=False,
+        ))
+    return trainer
+
+
+def train_from(trainer: Any, checkpoint: str | None) -> None:
+    """`trainer.train(resume_from_checkpoint=checkpoint)`; a checkpoint file that torch refuses
+    to unpickle (anything but plain tensors: `weights_only=True`) becomes one line naming it."""
+    import pickle
+
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except pickle.UnpicklingError as exc:
+        if checkpoint is None:
+            raise
+        refused = _refused_pickle(Path(checkpoint)) or checkpoint
+        raise InputError(
+            f"--resume: {refused} was refused: it is not a plain tensor file (torch.load(weights_only=True) "
+            f"would have to run code from it); delete that checkpoint or resume from another"
+        ) from exc
+
+
+def sweep(trainer: Any, settings: SweepSettings, out_dir: str | os.PathLike) -> SweepResult | None:
+    """The rank sweep on the trainer's eval set (every process measures; the main one writes
+    rank_sweep.json/png into `out_dir`). None when disabled or without an eval set."""
+    if not settings.enabled or trainer.eval_dataset is None:
+        return None
+    trainer.evaluate_ranks(
+        settings.ranks, refine=settings.refine, tolerance=settings.tolerance, methods=settings.methods
+    )
+    if trainer.is_world_process_zero():
+        save_sweep(trainer.rank_sweep, out_dir)
+    return trainer.rank_sweep
+
+
+def record(trainer: Any, adapter_dir: str | os.PathLike) -> None:
+    """qdylora_config.json beside the saved adapter, with this run's sweep (or none: a sweep
+    left there by an earlier run is replaced)."""
+    if trainer.is_world_process_zero():
+        sweep = trainer.rank_sweep.to_dict(samples=False) if trainer.rank_sweep is not None else None
+        trainer.qdylora_config.save_pretrained(adapter_dir, sweep=sweep)
+
+
+def export(adapter_dir: str | os.PathLike, settings: ExportSettings) -> dict[int, Path]:
+    """Each rank of `settings` into adapter_dir/qdylora-exports/rank-<b>/ (replaced as a whole:
+    it is the run's own subfolder; the adapter files are only read). {rank: folder}."""
+    if not settings.ranks:
+        return {}
+    from .exporters import export_adapters
+
+    adapter_dir = Path(adapter_dir)
+    return export_adapters(
+        adapter_dir, adapter_dir / EXPORTS_DIR, settings.ranks, vllm=settings.vllm, method=settings.method,
+        overwrite=True, inside_adapter=True,
+    )
+
+
+def report(adapter_dir: Path, r_max: int | None, sweep: SweepResult | None, exports: dict[int, Path],
+           *, vllm: bool = False) -> list[str]:
+    """The closing lines of a run (printed by the CLI, logged by the Axolotl plugin)."""
+    lines = []
+    if sweep is not None:
+        lines.append(sweep.table())
+        pick = f"{sweep.recommended_rank}" + (f" ({sweep.recommended_method})" if len(sweep.methods) > 1 else "")
+        lines.append(f"recommended rank: {pick} (the smallest within {sweep.tolerance:.0%} of the best {sweep.metric})")
+    lines.append(f"adapter (r_max={r_max}) and qdylora_config.json written to {adapter_dir}")
+    if exports:
+        from .exporters import export_report
+
+        lines.extend(export_report(adapter_dir, list(exports.values()), vllm=vllm))
+    return lines
+
+
+def sweep_adapter(
+    adapter_dir: str | os.PathLike,
+    data: Any,
+    ranks: Sequence[int] | None = None,
+    *,
+    base_model: str | None = None,
+    load_in_4bit: bool = True,
+    refine: bool = False,
+    tolerance: float = 0.01,
+    batch_size: int = 8,
+    out_dir: str | os.PathLike | None = None,
+    sample_prompts: list[str] | None = None,
+    sample_kwargs: dict[str, Any] | None = None,
+    methods: Sequence[str] = ("prefix",),
+) -> SweepResult:
+    """Sweep a saved adapter on a prompt/answer dataset (`data`: a `qdylora.data.DataSpec`).
+
+    `methods`: measure every rank under each truncation method ("prefix", "svd").
+
+    Writes rank_sweep.json and rank_sweep.png into `out_dir` (default: the adapter folder)
+    and records the result in the adapter's qdylora_config.json. `sample_prompts` are
+    answered at every rank, written with the data's template and no chat template (as
+    the evaluation examples are) unless `sample_kwargs` says otherwise.
+    """
+    from transformers import TrainingArguments
+
+    from .adapter_io import check_adapter
+    from .data import collator, load_records, resolve_fields, tokenize
+    from .loading import load_adapter
+    from .trainer_ext import QDyLoraTrainer
+
+    # the cheap checks first: adapter files, ranks, data, output folder; then the slow model load
+    files = check_adapter(adapter_dir)
+    ranks = list(ranks) if ranks is not None else files.config.sweep_ranks
+    files.config.check_ranks(ranks)
+    methods = check_methods(methods)
+    if not is_int(batch_size) or batch_size < 1:
+        raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    records = load_records(data)
+    if len(records) == 0:
+        raise InputError(f"{data.path} holds no records")
+    resolve_fields(data, records.column_names)
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise InputError(f"--out {out_dir} is a file; give a folder")
+    model, tokenizer, config = load_adapter(adapter_dir, base_model=base_model, load_in_4bit=load_in_4bit, files=files)
+    eval_ds = tokenize(data, tokenizer, records)
+    with tempfile.TemporaryDirectory() as scratch:
+        args = TrainingArguments(
+            output_dir=scratch, per_device_eval_batch_size=batch_size, report_to="none", remove_unused_columns=False
+        )
+        trainer = QDyLoraTrainer(
+            model=model, args=args, eval_dataset=eval_ds, data_collator=collator(tokenizer), qdylora_config=config,
+            processing_class=tokenizer,
+        )
+        sample_kwargs = {"template": data.template, "chat_template": False, **(sample_kwargs or {})}
+        trainer.evaluate_ranks(
+            ranks, refine=refine, tolerance=tolerance, sample_prompts=sample_prompts, sample_kwargs=sample_kwargs,
+            methods=methods,
+        )
+    result = trainer.rank_sweep
+    save_sweep(result, out_dir or adapter_dir)
+    config.save_pretrained(adapter_dir, sweep=result.to_dict(samples=False))  # answers stay in rank_sweep.json
+    return result
+
+
+def _refused_pickle(checkpoint: Path) -> Path | None:
+    """The first .pt/.pth file of a checkpoint that torch will not load with weights_only=True."""
+    import pickle
+
+    import torch
+
+    for path in sorted([*checkpoint.glob("*.pt"), *checkpoint.glob("*.pth")]):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError):
+            return path
+    return None
+
+
+def _remove_empty_tree(folder: Path) -> None:
+    """Delete `folder` if it holds nothing but empty folders (never a file)."""
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    for sub in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if sub.is_dir() and not sub.is_symlink() and not any(sub.iterdir()):
+            sub.rmdir()
+    if not any(folder.iterdir()):
+        folder.rmdir()
