@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,10 +70,11 @@ class AdapterFiles:
         return int(self.qdylora["config"].get("r_min", 1)) if self.qdylora else 1
 
     @property
-    def config(self) -> QDyLoraConfig | None:
-        """The qdylora config, resolved against the tensors' rank (None for a plain adapter)."""
+    def config(self) -> QDyLoraConfig:
+        """The qdylora config, resolved against the tensors' rank; for a plain LoRA adapter
+        (no qdylora_config.json) the only thing known: ranks 1..r."""
         if self.qdylora is None:
-            return None
+            return QDyLoraConfig().resolve(self.r_max, 0)
         config = QDyLoraConfig.from_dict(self.qdylora["config"])
         return config if config.r_max is not None else config.resolve(self.r_max, config.seed or 0)
 
@@ -194,16 +196,20 @@ def _pattern_value(pattern: dict[str, Any], name: str, default: Any) -> Any:
     return pattern.get(get_pattern_key(pattern.keys(), name), default)
 
 
-def check_adapter(adapter_dir: str | os.PathLike, *, force: bool = False) -> AdapterFiles:
+def check_adapter(adapter_dir: str | os.PathLike, *, force: bool = False,
+                  methods: Sequence[str] | None = None) -> AdapterFiles:
     """Read and check an adapter folder (see the module docstring).
 
     Args:
         adapter_dir: A PEFT LoRA adapter folder.
-        force: Accept a folder without qdylora_config.json (a plain LoRA adapter).
+        force: Accept a folder without qdylora_config.json (a plain LoRA adapter) for any use.
+        methods: The truncation methods the caller will use. A plain LoRA adapter was only
+            ever trained at its full rank, so its prefix cut is not meaningful while its SVD
+            truncation is: with `methods` all "svd" it is accepted without `force`.
 
     Raises:
         InputError: for a folder that is not a complete, consistent PEFT LoRA adapter, for
-            DoRA, and (unless `force`) for an adapter with no qdylora_config.json.
+            DoRA, and (unless `force` or svd only) for an adapter with no qdylora_config.json.
     """
     path = Path(adapter_dir)
     peft_config = read_adapter_config(path)
@@ -216,12 +222,13 @@ def check_adapter(adapter_dir: str | os.PathLike, *, force: bool = False) -> Ada
             "so it has no rank-b cut; train without use_dora"
         )
     qdylora = None
-    if (path / CONFIG_NAME).is_file() or not force:
+    svd_only = bool(methods) and set(methods) == {"svd"}
+    if (path / CONFIG_NAME).is_file() or not (force or svd_only):
         if not (path / CONFIG_NAME).is_file():
             raise InputError(
-                f"{path} has no {CONFIG_NAME}: it was not trained with qdylora, and cutting a plain LoRA "
-                "adapter to a lower rank is not meaningful (only its full rank was ever trained); "
-                "pass --force (force=True) to use it anyway"
+                f"{path} has no {CONFIG_NAME}: it was not trained with qdylora, and the prefix cut of a plain LoRA "
+                "adapter is not meaningful (only its full rank was ever trained); use --method svd (the best "
+                "rank-b approximation), or pass --force (force=True) to cut it anyway"
             )
         qdylora = read_config_file(path)
         QDyLoraConfig.from_dict(qdylora["config"])  # validates the settings

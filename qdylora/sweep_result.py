@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import write_json_atomic
+from .config import read_json_file, write_json_atomic
 from .errors import InputError
 
 SWEEP_JSON = "rank_sweep.json"
@@ -143,6 +143,17 @@ class SweepResult:
             by_method=by_method,
             recommended_method=data.get("recommended_method", ""),
         )
+
+    @classmethod
+    def read(cls, folder: str | os.PathLike) -> SweepResult:
+        """The sweep in a folder's rank_sweep.json (e.g. a plain LoRA adapter's, which has no
+        qdylora_config.json to record it in)."""
+        path = Path(folder) / SWEEP_JSON
+        data = read_json_file(path, "rank sweep")
+        try:
+            return cls.from_dict(data)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{path} is damaged ({type(exc).__name__}: {exc}); run `qdylora sweep` again") from exc
 
     def table(self) -> str:
         """A plain-text table: rank, metric per method, gap to the best, the recommendation marked."""

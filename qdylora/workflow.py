@@ -235,7 +235,9 @@ def sweep_adapter(
     `methods`: measure every rank under each truncation method ("prefix", "svd").
 
     Writes rank_sweep.json and rank_sweep.png into `out_dir` (default: the adapter folder)
-    and records the result in the adapter's qdylora_config.json. `sample_prompts` are
+    and records the result in the adapter's qdylora_config.json. A plain LoRA adapter (not
+    trained with qdylora) can be swept with `methods=["svd"]` only; its record is the
+    rank_sweep.json (it is given no qdylora_config.json, which would claim how it was trained). `sample_prompts` are
     answered at every rank, written with the data's template and no chat template (as
     the evaluation examples are) unless `sample_kwargs` says otherwise.
     """
@@ -247,10 +249,10 @@ def sweep_adapter(
     from .trainer_ext import QDyLoraTrainer
 
     # the cheap checks first: adapter files, ranks, data, output folder; then the slow model load
-    files = check_adapter(adapter_dir)
+    methods = check_methods(methods)
+    files = check_adapter(adapter_dir, methods=methods)  # a plain LoRA adapter: svd only
     ranks = list(ranks) if ranks is not None else files.config.sweep_ranks
     files.config.check_ranks(ranks)
-    methods = check_methods(methods)
     if not is_int(batch_size) or batch_size < 1:
         raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     records = load_records(data)
@@ -276,7 +278,8 @@ def sweep_adapter(
         )
     result = trainer.rank_sweep
     save_sweep(result, out_dir or adapter_dir)
-    config.save_pretrained(adapter_dir, sweep=result.to_dict(samples=False))  # answers stay in rank_sweep.json
+    if files.qdylora is not None:  # a plain adapter's record is its rank_sweep.json: it gets no qdylora_config.json
+        config.save_pretrained(adapter_dir, sweep=result.to_dict(samples=False))  # answers stay in rank_sweep.json
     return result
 
 

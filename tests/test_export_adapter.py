@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from qdylora.testing import ALPHA, R_MAX, RANKS, logits, export_lora_model as lora_model, peft_logits, save_qdylora
 from safetensors.torch import load_file
 
 from qdylora.cli import main
 from qdylora.exporters import EXPORT_INFO, export_adapter, export_adapters, read_export_info
+from qdylora.testing import ALPHA, R_MAX, RANKS, logits, export_lora_model as lora_model, peft_logits, save_qdylora
 
 TOL = 1e-5
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from qdylora.testing import RANKS, logits, export_lora_model as lora_model, save_qdylora, tokens
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from qdylora.cli import main
 from qdylora.exporters import export_merged, read_export_info
+from qdylora.testing import RANKS, logits, export_lora_model as lora_model, save_qdylora, tokens
 
 TOL = 1e-4
 

@@ -9,12 +9,23 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from qdylora.testing import ALPHA, R_MAX, RANKS, exact_4bit, logits, export_lora_model as lora_model, peft_logits, plain_base, save_qdylora, tokens
 from safetensors.torch import load_file
 
 from qdylora.cli import main
 from qdylora.exporters import export_adapter, export_adapters, export_merged, read_export_info
 from qdylora.ranks import lora_scale
+from qdylora.testing import (
+    ALPHA,
+    R_MAX,
+    RANKS,
+    exact_4bit,
+    logits,
+    export_lora_model as lora_model,
+    peft_logits,
+    plain_base,
+    save_qdylora,
+    tokens,
+)
 
 REL = 1e-4
 ATOL = 1e-4  # logits: a dense W + top-b delta against PEFT's adapter path, fp32
@@ -128,6 +139,46 @@ def test_plain_adapter_svd_needs_no_force_and_b_r_reproduces_it(export_base, tmp
     assert (peft_logits(export_base, tmp_path / "r3") - dense_logits(export_base, src, 3)).abs().max().item() < ATOL
     res = cli("export", "adapter", src, "--rank", 3, "--out", tmp_path / "p3")
     assert res.exit_code == 2 and "--method svd" in res.stderr and not (tmp_path / "p3").exists()
+
+
+def test_plain_adapter_sweep_generate_and_export_recommended_with_svd(export_base, tmp_path):
+    """A plain LoRA adapter is swept and answered under svd only; its record is rank_sweep.json
+    (no qdylora_config.json appears); `export --rank recommended --method svd` reads it; and
+    `generate --method svd` answers as the svd export loaded in plain PEFT does."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from qdylora.testing import write_arithmetic_jsonl
+
+    src = _plain(export_base, tmp_path / "plain")
+    data = write_arithmetic_jsonl(tmp_path / "eval.jsonl", 8, seed=1)
+    res = cli("sweep", src, "--data", data, "--ranks", "1,4", "--max-length", 32, "--no-4bit")
+    assert res.exit_code == 2 and "--method svd" in res.stderr  # prefix: refused before loading
+    res = cli("generate", src, "--ranks", "3", "--prompt", "1 plus 2", "--no-4bit")
+    assert res.exit_code == 2 and "--method svd" in res.stderr
+    res = cli("sweep", src, "--data", data, "--ranks", "1,4,8", "--method", "svd", "--max-length", 32, "--no-4bit")
+    assert res.exit_code == 0, res.output
+    assert not (src / "qdylora_config.json").exists()
+    sweep = json.loads((src / "rank_sweep.json").read_text())
+    assert list(sweep["methods"]) == ["svd"] and sorted(sweep["methods"]["svd"]) == ["1", "4", "8"]
+    info = cli("info", src)
+    assert info.exit_code == 0 and "not trained with qdylora" in info.output and "1..8" in info.output
+    assert "AURAC" in info.output  # the sweep, read from rank_sweep.json
+    res = cli("export", "adapter", src, "--rank", "recommended", "--method", "svd", "--out", tmp_path / "rec")
+    assert res.exit_code == 0, res.output
+    assert read_export_info(tmp_path / "rec")["rank"] == sweep["recommended_rank"]
+
+    assert cli("export", "adapter", src, "--rank", 3, "--method", "svd", "--out", tmp_path / "r3").exit_code == 0
+    res = cli("generate", src, "--ranks", "3", "--method", "svd", "--prompt", "1 plus 2", "--raw", "--no-4bit",
+              "--max-new-tokens", 8, "--json", tmp_path / "g.json")
+    assert res.exit_code == 0, res.output
+    answer = json.loads((tmp_path / "g.json").read_text())["prompts"][0]["outputs"]["3"]
+    tok = AutoTokenizer.from_pretrained(export_base)
+    model = PeftModel.from_pretrained(plain_base(export_base), str(tmp_path / "r3")).eval()
+    ids = tok(["1 plus 2"], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    assert answer and answer == tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import InputError, check_output_file
-from .params import RankList
+from .params import RankList, check_method_option
 
 
 @click.command()
@@ -27,6 +27,9 @@ from .params import RankList
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write prompts and answers to this JSON file.")
 @click.option("--overwrite", is_flag=True, help="Replace the --json file if it exists.")
 @click.option("--no-4bit", is_flag=True, help="Load the base unquantized (default: NF4, as trained).")
+@click.option("--method", default="prefix", show_default=True, callback=check_method_option,
+              help="How rank b is cut: prefix (the first b rows/columns) or svd (each layer's delta SVD-truncated, "
+              "what `export --method svd` writes; the one method for a plain LoRA adapter).")
 def generate(
     adapter_dir: str,
     ranks: list[int],
@@ -44,6 +47,7 @@ def generate(
     json_out: str | None,
     overwrite: bool,
     no_4bit: bool,
+    method: str,
 ) -> None:
     """Answer prompts at several ranks of one adapter (the base is loaded once)."""
     from .. import loading
@@ -61,15 +65,16 @@ def generate(
     check_template(template, "--template")
     if json_out:
         check_output_file(json_out, overwrite, "--json")
-    check_adapter(adapter_dir).config.check_ranks(ranks, what="--ranks")
+    files = check_adapter(adapter_dir, methods=[method])
+    files.config.check_ranks(ranks, what="--ranks")
 
-    model, tokenizer, _ = loading.load_adapter(adapter_dir, base_model=base, load_in_4bit=not no_4bit)
+    model, tokenizer, _ = loading.load_adapter(adapter_dir, base_model=base, load_in_4bit=not no_4bit, files=files)
     settings: dict = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
     if do_sample:
         settings.update({k: v for k, v in (("temperature", temperature), ("top_p", top_p)) if v is not None})
     samples = generate_across_ranks(
         model, tokenizer, prompts, ranks, chat_template=not raw, template=template,
-        batch_size=batch_size, seed=seed, progress=True, **settings,
+        batch_size=batch_size, seed=seed, progress=True, method=method, **settings,
     )
     click.echo(format_samples(prompts, samples))
     if json_out:
@@ -79,6 +84,7 @@ def generate(
             "base": base or model.peft_config[model.active_adapter].base_model_name_or_path,
             "load_in_4bit": not no_4bit,
             "ranks": ranks,
+            "method": method,
             "generation": {**settings, "seed": seed, "chat_template": chat, "template": template},
             "prompts": samples_by_prompt(prompts, samples),
         }

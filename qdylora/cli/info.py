@@ -15,17 +15,25 @@ import click
 def info(adapter_dir: str, as_json: bool) -> None:
     """Show how an adapter was trained and, if measured, its ranks."""
     from ..adapter_io import check_adapter
-    from ..sweep_result import SweepResult
+    from ..sweep_result import SWEEP_JSON, SweepResult
 
-    files = check_adapter(adapter_dir)  # the same consistency checks as every other command
+    files = check_adapter(adapter_dir, force=True)  # the same consistency checks as every other command
     data = files.qdylora
-    if as_json:
+    if as_json:  # qdylora_config.json as it is (null for a plain LoRA adapter)
         click.echo(json.dumps(data, indent=2))
         return
     peft_cfg = files.peft_config
     config = files.config
     click.echo(f"{'adapter:':<15}{Path(adapter_dir).resolve()}")
     click.echo(f"{'base model:':<15}{peft_cfg.get('base_model_name_or_path')}")
+    if data is None:  # a plain LoRA adapter: only its full rank was trained
+        click.echo(f"{'qdylora:':<15}not trained with qdylora (a plain LoRA adapter: lower ranks only with --method svd)")
+        click.echo(f"{'ranks:':<15}1..{files.r_max}")
+        click.echo(f"{'lora_alpha:':<15}{peft_cfg.get('lora_alpha')}  rsLoRA: {bool(peft_cfg.get('use_rslora'))}")
+        if (files.path / SWEEP_JSON).is_file():
+            click.echo("sweep:")
+            click.echo(SweepResult.read(files.path).table())
+        return
     click.echo(f"{'qdylora:':<15}{data.get('qdylora_version')}")
     click.echo(f"{'lora_alpha:':<15}{peft_cfg.get('lora_alpha')}  rsLoRA: {bool(peft_cfg.get('use_rslora'))}")
     click.echo(f"{'targets:':<15}{peft_cfg.get('target_modules')}")

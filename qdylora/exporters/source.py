@@ -29,10 +29,9 @@ from typing import Any
 import torch
 
 from ..adapter_io import PEFT_PREFIX, WEIGHTS_NAME, LoraModule, check_adapter, read_safetensors
-from ..config import CONFIG_NAME
 from ..errors import InputError
 from ..ranks import check_method, lora_scale, svd_truncate
-from ..sweep_result import SweepResult
+from ..sweep_result import SWEEP_JSON, SweepResult
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -92,13 +91,7 @@ class SourceAdapter:
         """
         if method is not None:
             check_method(method)
-        files = check_adapter(adapter_dir, force=True)
-        if files.qdylora is None and not force and method != "svd":
-            raise InputError(
-                f"{files.path} has no {CONFIG_NAME}: it was not trained with qdylora, and the prefix cut of a plain "
-                "LoRA adapter is not meaningful (only its full rank was ever trained); use --method svd "
-                "(the best rank-b approximation), or pass --force to cut it anyway"
-            )
+        files = check_adapter(adapter_dir, force=force, methods=[method] if method else None)
         tensors = read_safetensors(files.path / WEIGHTS_NAME)
         return cls(files.path, files.peft_config, files.qdylora, tensors, files.modules)
 
@@ -118,8 +111,10 @@ class SourceAdapter:
         return sorted(k for k in self.tensors if k not in known)
 
     def sweep(self):
-        """The rank sweep recorded in qdylora_config.json, or None."""
-        data = (self.qdylora or {}).get("sweep")
+        """The rank sweep recorded in qdylora_config.json (a plain adapter's: its rank_sweep.json), or None."""
+        if self.qdylora is None:
+            return SweepResult.read(self.path) if (self.path / SWEEP_JSON).is_file() else None
+        data = self.qdylora.get("sweep")
         return SweepResult.from_dict(data) if data else None
 
     def resolve(self, rank: int | str, method: str | None = None) -> tuple[int, str]:
