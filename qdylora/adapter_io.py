@@ -6,6 +6,10 @@
 each module's stored rank matches its config (rank_pattern resolved as PEFT does), the file
 is not truncated, and the qdylora config's r_max equals the tensors' rank. Whatever is wrong
 becomes one `InputError` naming the file and the fix, before any model is loaded.
+
+It also holds the one rule for how lower ranks are read (`default_method`): prefix for a
+QDyLoRA run, svd for an adapter whose lower ranks were never trained (a plain LoRA adapter
+with no qdylora_config.json, or `preset("plain")`), where a prefix cut needs `force`.
 """
 
 from __future__ import annotations
@@ -70,13 +74,27 @@ class AdapterFiles:
         return int(self.qdylora["config"].get("r_min", 1)) if self.qdylora else 1
 
     @property
+    def default_method(self) -> str:
+        """prefix for a QDyLoRA run, svd for an adapter trained at its full rank only (`default_method`)."""
+        return default_method(self.qdylora, self.r_max)
+
+    @property
     def config(self) -> QDyLoraConfig:
         """The qdylora config, resolved against the tensors' rank; for a plain LoRA adapter
-        (no qdylora_config.json) the only thing known: ranks 1..r."""
+        (no qdylora_config.json) what it is: trained at its full rank only (preset plain)."""
         if self.qdylora is None:
-            return QDyLoraConfig().resolve(self.r_max, 0)
+            return QDyLoraConfig.preset("plain").resolve(self.r_max, 0)
         config = QDyLoraConfig.from_dict(self.qdylora["config"])
         return config if config.r_max is not None else config.resolve(self.r_max, config.seed or 0)
+
+
+def default_method(qdylora: dict[str, Any] | None, r_max: int) -> str:
+    """How lower ranks of an adapter are read when nobody says: prefix if training ran them (a
+    QDyLoRA run), svd if only the full rank was trained (a plain LoRA adapter, preset plain)."""
+    if qdylora is None:
+        return "svd"
+    config = QDyLoraConfig.from_dict(qdylora["config"])
+    return (config if config.r_max is not None else config.resolve(r_max, 0)).default_method
 
 
 def save_tensors(tensors: dict[str, Any], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
@@ -202,14 +220,15 @@ def check_adapter(adapter_dir: str | os.PathLike, *, force: bool = False,
 
     Args:
         adapter_dir: A PEFT LoRA adapter folder.
-        force: Accept a folder without qdylora_config.json (a plain LoRA adapter) for any use.
-        methods: The truncation methods the caller will use. A plain LoRA adapter was only
-            ever trained at its full rank, so its prefix cut is not meaningful while its SVD
-            truncation is: with `methods` all "svd" it is accepted without `force`.
+        force: Accept "prefix" among `methods` for an adapter trained at its full rank only.
+        methods: The truncation methods the caller will use (None: the adapter's default).
+            A plain LoRA adapter (no qdylora_config.json, or preset plain) was only ever
+            trained at its full rank, so its prefix cut is not meaningful while its SVD
+            truncation is: "prefix" is refused for it unless `force`.
 
     Raises:
         InputError: for a folder that is not a complete, consistent PEFT LoRA adapter, for
-            DoRA, and (unless `force` or svd only) for an adapter with no qdylora_config.json.
+            DoRA, and (unless `force`) for "prefix" on an adapter trained at full rank only.
     """
     path = Path(adapter_dir)
     peft_config = read_adapter_config(path)
@@ -222,20 +241,21 @@ def check_adapter(adapter_dir: str | os.PathLike, *, force: bool = False,
             "so it has no rank-b cut; train without use_dora"
         )
     qdylora = None
-    svd_only = bool(methods) and set(methods) == {"svd"}
-    if (path / CONFIG_NAME).is_file() or not (force or svd_only):
-        if not (path / CONFIG_NAME).is_file():
-            raise InputError(
-                f"{path} has no {CONFIG_NAME}: it was not trained with qdylora, and the prefix cut of a plain LoRA "
-                "adapter is not meaningful (only its full rank was ever trained); use --method svd (the best "
-                "rank-b approximation), or pass --force (force=True) to cut it anyway"
-            )
+    if (path / CONFIG_NAME).is_file():
         qdylora = read_config_file(path)
         QDyLoraConfig.from_dict(qdylora["config"])  # validates the settings
     shapes = tensor_shapes(path / WEIGHTS_NAME)
     if any("lora_magnitude_vector" in k for k in shapes):
         raise InputError(f"{path / WEIGHTS_NAME} holds DoRA magnitude vectors; DoRA adapters have no rank-b cut")
     files = AdapterFiles(path, peft_config, qdylora, shapes, find_modules(path, peft_config, shapes))
+    if "prefix" in (methods or ()) and not force and files.default_method != "prefix":
+        why = (f"{path} has no {CONFIG_NAME}: it was not trained with qdylora" if qdylora is None
+               else f"{path} was trained at its full rank only (ranks {files.config.ranks})")
+        raise InputError(
+            f"{why}, and the prefix cut of a plain LoRA adapter is not meaningful (only its full rank was ever "
+            "trained); use --method svd (the best rank-b approximation, the default here), or pass --force "
+            "(force=True) to cut it anyway"
+        )
     if qdylora is not None:
         stored = qdylora["config"].get("r_max")
         if stored is not None and int(stored) != files.r_max:

@@ -48,6 +48,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # alpha/sqrt(b) + loss weighted s(r_max)/s(b): on SmolLM2-135M / GSM8K (2 seeds) 1.6-3.6%
     # lower loss than the paper at ranks 4, 16, 64 on val and test, about 1% higher at rank 1
     "balanced": {"scaling": "sqrt", "loss_weight": "inverse_scale"},
+    # plain LoRA training at r_max (every step at full rank), every lower rank read by the SVD
+    # of each layer's delta: the best one-run pipeline measured so far (benchmarks/results/
+    # planted.md: within 1.18x of a dedicated run at every rank; no QDyLoRA recipe beats it)
+    "plain": {"ranks": ["r_max"]},
 }
 
 
@@ -104,9 +108,10 @@ class QDyLoraConfig:
         "uniform", "How b is drawn from r_min..r_max: uniform (the paper) or log_uniform (probability "
         "proportional to 1/b, more steps at low ranks).",
     )
-    ranks: list[int] | None = setting(
+    ranks: list[int | Literal["r_max"]] | None = setting(
         None, "Draw only from this set (e.g. [1, 8, 16, 32, 64]) instead of every integer in r_min..r_max; "
-        "distribution then weights the set.",
+        "distribution then weights the set. [r_max] trains the full rank only: plain LoRA, whose lower ranks "
+        "are read by svd (preset plain).",
     )
     update: UpdateMode = setting(
         "full", "full: the first b rows/columns all learn (the paper); frozen: rows/columns 0..b-2 are "
@@ -152,7 +157,7 @@ class QDyLoraConfig:
             values = getattr(self, name)
             if values is None:
                 continue
-            if name == "anchor_ranks" and self.r_max is not None:  # "r_max" stands for the adapter's r
+            if name != "eval_ranks" and self.r_max is not None:  # "r_max" stands for the adapter's r
                 values = [self.r_max if v == "r_max" else v for v in values]
             symbolic = [v for v in values if v == "r_max"]
             numbers = [v for v in values if v != "r_max"]
@@ -185,14 +190,27 @@ class QDyLoraConfig:
         return list(self.ranks) if self.ranks else list(range(self.r_min, self.r_max + 1))
 
     @property
+    def lower_ranks_trained(self) -> bool:
+        """Whether training ran any rank below r_max (drawn or anchored); if not, the adapter is a
+        plain LoRA adapter and its prefix cuts were never trained: read them by svd."""
+        trained = set(self.candidate_ranks) | {r for r in self.anchor_ranks or [] if r != "r_max"}
+        return any(r < self.r_max for r in trained)
+
+    @property
+    def default_method(self) -> str:
+        """How a rank-b adapter is read from this run when nobody says: prefix (the ranks QDyLoRA
+        trained), or svd when only the full rank was trained."""
+        return "prefix" if self.lower_ranks_trained else "svd"
+
+    @property
     def sweep_ranks(self) -> list[int]:
         """The ranks the sweep measures when none are given."""
         if self.eval_ranks:
             return list(self.eval_ranks)
-        if self.ranks:
-            return list(self.ranks)
         if self.r_max is None:
             raise InputError("r_max is not known yet: resolve the config against the LoRA adapter first")
+        if self.ranks and self.lower_ranks_trained:
+            return list(self.ranks)
         return default_eval_ranks(self.r_min, self.r_max)
 
     # -- presets ------------------------------------------------------------------------
@@ -247,9 +265,9 @@ class SweepSettings:
     )
     refine: bool = setting(False, "Then measure every rank between the best coarse rank's neighbours.")
     tolerance: float = setting(0.01, "Recommend the smallest rank within this relative gap of the best.", min=0)
-    methods: list[Method] = setting(
-        ["prefix"], "Truncation methods each rank is measured under (prefix, svd); the recommendation is "
-        "then a (rank, method).",
+    methods: list[Method] | None = setting(
+        None, "Truncation methods each rank is measured under (prefix, svd); the recommendation is then a "
+        "(rank, method). Unset: prefix for a QDyLoRA run, svd for a run that trained the full rank only.",
     )
 
     def __post_init__(self) -> None:
@@ -296,18 +314,21 @@ class SampleSettings:
         check_fields(self)
 
 
-def export_problem(export: ExportSettings, sweep: SweepSettings, has_eval: bool, key: dict[str, str]) -> str | None:
+def export_problem(export: ExportSettings, sweep: SweepSettings, has_eval: bool, key: dict[str, str],
+                   default_method: str = "prefix") -> str | None:
     """Why the exports cannot follow from this sweep, before any training: 'recommended' needs
     a sweep (enabled, with eval data) that measures the export's method. `key` names the
-    settings as the user wrote them: {"ranks", "method", "enabled", "methods", "eval"}."""
+    settings as the user wrote them: {"ranks", "method", "enabled", "methods", "eval"};
+    `default_method` is the run's (`QDyLoraConfig.default_method`), used where none is set."""
     if RECOMMENDED not in (export.ranks or []):
         return None
     if not (sweep.enabled and has_eval):
         return (f"{key['ranks']} lists 'recommended', which comes from the rank sweep: give {key['eval']} and keep "
                 f"{key['enabled']}, or list explicit ranks")
-    if export.method is not None and export.method not in sweep.methods:
+    measured = sweep.methods or [default_method]
+    if export.method is not None and export.method not in measured:
         return (f"{key['method']} is {export.method} and {key['ranks']} lists 'recommended', but the sweep measures "
-                f"only {', '.join(sweep.methods)}: add {export.method} to {key['methods']}")
+                f"only {', '.join(measured)}: add {export.method} to {key['methods']}")
     return None
 
 

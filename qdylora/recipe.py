@@ -8,7 +8,7 @@
     qdylora: {r_min: 1, distribution: uniform}  # or {preset: balanced, ...}: QDyLoraConfig.preset
     training: {output_dir: out, max_steps: 1000, learning_rate: 2e-4, ...}  # TrainingArguments
     global_batch_size: 16             # optional: gradient_accumulation_steps = 16 / (processes x per-device batch)
-    sweep: {ranks: null, refine: false, tolerance: 0.01, methods: [prefix]}  # after training
+    sweep: {ranks: null, refine: false, tolerance: 0.01, methods: [prefix, svd]}  # after training
     export: {ranks: [8, recommended], method: svd, vllm: false}  # -> output_dir/qdylora-exports/rank-<b>
     samples: {prompts: [What is 3 plus 4?], ranks: [1, 8, 64], max_new_tokens: 64}  # logged at each eval
 
@@ -113,7 +113,7 @@ class Recipe:
                 resolved.check_ranks(ranks, what=what)
         problem = export_problem(export, sweep, bool(raw.get("eval_data") or eval_size), {
             "ranks": "export.ranks", "method": "export.method", "enabled": "sweep.enabled: true",
-            "methods": "sweep.methods", "eval": "eval_data or eval_size"})
+            "methods": "sweep.methods", "eval": "eval_data or eval_size"}, resolved.default_method)
         if problem:
             raise InputError(problem)
         if export.vllm and export.ranks and lora.get("modules_to_save"):

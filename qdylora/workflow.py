@@ -169,7 +169,7 @@ def sweep(trainer: Any, settings: SweepSettings, out_dir: str | os.PathLike) -> 
     rank_sweep.json/png into `out_dir`). None when disabled or without an eval set."""
     if not settings.enabled or trainer.eval_dataset is None:
         return None
-    trainer.evaluate_ranks(
+    trainer.evaluate_ranks(  # methods None: the run's default (prefix; svd for preset plain)
         settings.ranks, refine=settings.refine, tolerance=settings.tolerance, methods=settings.methods
     )
     if trainer.is_world_process_zero():
@@ -228,11 +228,12 @@ def sweep_adapter(
     out_dir: str | os.PathLike | None = None,
     sample_prompts: list[str] | None = None,
     sample_kwargs: dict[str, Any] | None = None,
-    methods: Sequence[str] = ("prefix",),
+    methods: Sequence[str] | None = None,
 ) -> SweepResult:
     """Sweep a saved adapter on a prompt/answer dataset (`data`: a `qdylora.data.DataSpec`).
 
-    `methods`: measure every rank under each truncation method ("prefix", "svd").
+    `methods`: measure every rank under each truncation method ("prefix", "svd"); default:
+    the adapter's (prefix for a QDyLoRA run, svd for a plain LoRA adapter).
 
     Writes rank_sweep.json and rank_sweep.png into `out_dir` (default: the adapter folder)
     and records the result in the adapter's qdylora_config.json. A plain LoRA adapter (not
@@ -249,8 +250,8 @@ def sweep_adapter(
     from .trainer_ext import QDyLoraTrainer
 
     # the cheap checks first: adapter files, ranks, data, output folder; then the slow model load
-    methods = check_methods(methods)
-    files = check_adapter(adapter_dir, methods=methods)  # a plain LoRA adapter: svd only
+    files = check_adapter(adapter_dir, methods=methods)  # a plain LoRA adapter: no prefix
+    methods = check_methods(methods or [files.default_method])
     ranks = list(ranks) if ranks is not None else files.config.sweep_ranks
     files.config.check_ranks(ranks)
     if not is_int(batch_size) or batch_size < 1:

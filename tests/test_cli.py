@@ -201,3 +201,22 @@ def test_train_exports_after_the_sweep_and_reports_it(tmp_path, tiny_llama, arit
     got = low[key.replace("lora_A", "lora_B")] @ low[key]
     assert torch.allclose(got, want_b @ want_a, rtol=1e-4, atol=1e-6)
     assert "recommended rank:" in res.output and "written to" in res.output
+
+
+def test_train_preset_plain_sweeps_and_exports_by_svd(tmp_path, tiny_llama, arithmetic_data):
+    """`qdylora: {preset: plain}`: plain LoRA at r_max, then every lower rank read by svd (the
+    best one-run pipeline measured): the sweep and the exports use svd with no method given."""
+    out = tmp_path / "out"
+    cfg = _yaml(tmp_path, tiny_llama, arithmetic_data, out, qdylora={"preset": "plain"},
+                sweep={"ranks": [1, 2, 8]}, export={"ranks": [2, "recommended"]})
+    res = CliRunner().invoke(main, ["train", str(cfg)])
+    assert res.exit_code == 0, res.output
+    stored = json.loads((out / "qdylora_config.json").read_text())
+    assert stored["config"]["ranks"] == [8] and list(stored["sweep"]["methods"]) == ["svd"]
+    for folder in (out / "qdylora-exports").iterdir():
+        assert json.loads((folder / "qdylora_export.json").read_text())["method"] == "svd"
+    info = CliRunner().invoke(main, ["info", str(out)])
+    assert "read by:       svd (only the full rank was trained" in info.output
+    res = CliRunner().invoke(main, ["export", "adapter", str(out), "--rank", "2", "--method", "prefix",
+                                    "--out", str(tmp_path / "p")])
+    assert res.exit_code == 2 and "trained at its full rank only" in res.output

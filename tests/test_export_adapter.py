@@ -278,7 +278,7 @@ BAD = {
     "corrupt safetensors": (["--rank", "2"], _garbage, "not a readable safetensors"),
     "truncated safetensors": (["--rank", "2"], _truncated, "not a readable safetensors"),
     "lora_A without lora_B": (["--rank", "2"], _unpaired, "damaged"),
-    "not trained with qdylora": (["--rank", "2"], _plain_lora, "--force"),
+    "not trained with qdylora": (["--rank", "2", "--method", "prefix"], _plain_lora, "--force"),
     "DoRA": (["--rank", "2"], _dora, "DoRA"),
 }
 

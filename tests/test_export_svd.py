@@ -137,8 +137,13 @@ def test_plain_adapter_svd_needs_no_force_and_b_r_reproduces_it(export_base, tmp
     res = cli("export", "adapter", src, "--rank", 3, "--method", "svd", "--out", tmp_path / "r3")
     assert res.exit_code == 0, res.output
     assert (peft_logits(export_base, tmp_path / "r3") - dense_logits(export_base, src, 3)).abs().max().item() < ATOL
-    res = cli("export", "adapter", src, "--rank", 3, "--out", tmp_path / "p3")
+    res = cli("export", "adapter", src, "--rank", 3, "--method", "prefix", "--out", tmp_path / "p3")
     assert res.exit_code == 2 and "--method svd" in res.stderr and not (tmp_path / "p3").exists()
+    # with no --method, a plain adapter is read by svd (its one meaningful method)
+    res = cli("export", "adapter", src, "--rank", 3, "--out", tmp_path / "d3")
+    assert res.exit_code == 0 and "(svd)" in res.output, res.output
+    assert weights(tmp_path / "d3").keys() == weights(tmp_path / "r3").keys()
+    assert all(torch.equal(weights(tmp_path / "d3")[k], weights(tmp_path / "r3")[k]) for k in weights(tmp_path / "r3"))
 
 
 def test_plain_adapter_sweep_generate_and_export_recommended_with_svd(export_base, tmp_path):
@@ -152,11 +157,11 @@ def test_plain_adapter_sweep_generate_and_export_recommended_with_svd(export_bas
 
     src = _plain(export_base, tmp_path / "plain")
     data = write_arithmetic_jsonl(tmp_path / "eval.jsonl", 8, seed=1)
-    res = cli("sweep", src, "--data", data, "--ranks", "1,4", "--max-length", 32, "--no-4bit")
+    res = cli("sweep", src, "--data", data, "--ranks", "1,4", "--method", "prefix", "--max-length", 32, "--no-4bit")
     assert res.exit_code == 2 and "--method svd" in res.stderr  # prefix: refused before loading
-    res = cli("generate", src, "--ranks", "3", "--prompt", "1 plus 2", "--no-4bit")
+    res = cli("generate", src, "--ranks", "3", "--method", "prefix", "--prompt", "1 plus 2", "--no-4bit")
     assert res.exit_code == 2 and "--method svd" in res.stderr
-    res = cli("sweep", src, "--data", data, "--ranks", "1,4,8", "--method", "svd", "--max-length", 32, "--no-4bit")
+    res = cli("sweep", src, "--data", data, "--ranks", "1,4,8", "--max-length", 32, "--no-4bit")  # svd: its default
     assert res.exit_code == 0, res.output
     assert not (src / "qdylora_config.json").exists()
     sweep = json.loads((src / "rank_sweep.json").read_text())
@@ -169,7 +174,7 @@ def test_plain_adapter_sweep_generate_and_export_recommended_with_svd(export_bas
     assert read_export_info(tmp_path / "rec")["rank"] == sweep["recommended_rank"]
 
     assert cli("export", "adapter", src, "--rank", 3, "--method", "svd", "--out", tmp_path / "r3").exit_code == 0
-    res = cli("generate", src, "--ranks", "3", "--method", "svd", "--prompt", "1 plus 2", "--raw", "--no-4bit",
+    res = cli("generate", src, "--ranks", "3", "--prompt", "1 plus 2", "--raw", "--no-4bit",  # svd: the default
               "--max-new-tokens", 8, "--json", tmp_path / "g.json")
     assert res.exit_code == 0, res.output
     answer = json.loads((tmp_path / "g.json").read_text())["prompts"][0]["outputs"]["3"]

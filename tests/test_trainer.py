@@ -42,7 +42,7 @@ def make_trainer(model_dir, datasets_, tmp_path, config=None, cls=QDyLoraTrainer
         eval_dataset=evals,
         data_collator=collator(tok),
         processing_class=tok,
-        qdylora_config=config,
+        **({"qdylora_config": config} if issubclass(cls, QDyLoraMixin) else {}),  # a plain Trainer takes none
     )
 
 
@@ -202,3 +202,30 @@ def test_gradient_checkpointing_recomputes_at_the_drawn_rank(tiny_llama, dataset
     for name, p in ckpt.model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p, a[name], rtol=1e-4, atol=1e-6)
+
+
+def test_preset_plain_is_plain_lora_training_read_by_svd(tiny_llama, datasets_, tmp_path):
+    """preset "plain" trains exactly what a plain transformers.Trainer trains (same seed, same
+    data order: identical LoRA weights), records that only r_max was trained, and its lower
+    ranks default to svd in the sweep (prefix there is the plain run's meaningless cut)."""
+    from qdylora.adapter_io import check_adapter
+
+    plain = make_trainer(tiny_llama, datasets_, tmp_path / "plain", cls=Trainer, max_steps=4)
+    plain.train()
+    ours = make_trainer(tiny_llama, datasets_, tmp_path / "ours", config=QDyLoraConfig.preset("plain"), max_steps=4)
+    ours.train()
+    assert [rank for _, rank in ours.rank_history] == [8, 8, 8, 8]
+    a, b = dict(plain.model.named_parameters()), dict(ours.model.named_parameters())
+    lora = [k for k in a if "lora_" in k]
+    assert lora and all(torch.equal(a[k], b[k]) for k in lora)
+    config = ours.qdylora_config
+    assert (config.ranks, config.lower_ranks_trained, config.default_method) == ([8], False, "svd")
+    assert config.sweep_ranks == [1, 2, 4, 8]
+    ours.evaluate_ranks()
+    assert ours.rank_sweep.methods == ["svd"]
+    ours.save_model(str(tmp_path / "adapter"))
+    files = check_adapter(tmp_path / "adapter")
+    assert files.default_method == "svd"
+    with pytest.raises(InputError, match="trained at its full rank only"):
+        check_adapter(tmp_path / "adapter", methods=["prefix"])
+    assert QDyLoraConfig().resolve(8, 0).default_method == "prefix"  # the paper recipe: its prefixes

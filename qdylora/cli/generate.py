@@ -27,9 +27,9 @@ from .params import RankList, check_method_option
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write prompts and answers to this JSON file.")
 @click.option("--overwrite", is_flag=True, help="Replace the --json file if it exists.")
 @click.option("--no-4bit", is_flag=True, help="Load the base unquantized (default: NF4, as trained).")
-@click.option("--method", default="prefix", show_default=True, callback=check_method_option,
+@click.option("--method", default=None, callback=check_method_option,
               help="How rank b is cut: prefix (the first b rows/columns) or svd (each layer's delta SVD-truncated, "
-              "what `export --method svd` writes; the one method for a plain LoRA adapter).")
+              "what `export --method svd` writes). Default: prefix for a QDyLoRA run, svd for a plain LoRA adapter.")
 def generate(
     adapter_dir: str,
     ranks: list[int],
@@ -47,7 +47,7 @@ def generate(
     json_out: str | None,
     overwrite: bool,
     no_4bit: bool,
-    method: str,
+    method: str | None,
 ) -> None:
     """Answer prompts at several ranks of one adapter (the base is loaded once)."""
     from .. import loading
@@ -65,7 +65,8 @@ def generate(
     check_template(template, "--template")
     if json_out:
         check_output_file(json_out, overwrite, "--json")
-    files = check_adapter(adapter_dir, methods=[method])
+    files = check_adapter(adapter_dir, methods=[method] if method else None)
+    method = method or files.default_method
     files.config.check_ranks(ranks, what="--ranks")
 
     model, tokenizer, _ = loading.load_adapter(adapter_dir, base_model=base, load_in_4bit=not no_4bit, files=files)

@@ -27,7 +27,7 @@ def info(adapter_dir: str, as_json: bool) -> None:
     click.echo(f"{'adapter:':<15}{Path(adapter_dir).resolve()}")
     click.echo(f"{'base model:':<15}{peft_cfg.get('base_model_name_or_path')}")
     if data is None:  # a plain LoRA adapter: only its full rank was trained
-        click.echo(f"{'qdylora:':<15}not trained with qdylora (a plain LoRA adapter: lower ranks only with --method svd)")
+        click.echo(f"{'qdylora:':<15}not trained with qdylora (a plain LoRA adapter: lower ranks are read by svd)")
         click.echo(f"{'ranks:':<15}1..{files.r_max}")
         click.echo(f"{'lora_alpha:':<15}{peft_cfg.get('lora_alpha')}  rsLoRA: {bool(peft_cfg.get('use_rslora'))}")
         if (files.path / SWEEP_JSON).is_file():
@@ -38,6 +38,8 @@ def info(adapter_dir: str, as_json: bool) -> None:
     click.echo(f"{'lora_alpha:':<15}{peft_cfg.get('lora_alpha')}  rsLoRA: {bool(peft_cfg.get('use_rslora'))}")
     click.echo(f"{'targets:':<15}{peft_cfg.get('target_modules')}")
     click.echo(f"{'ranks:':<15}{config.r_min}..{config.r_max}" + (f" (only {config.ranks})" if config.ranks else ""))
+    click.echo(f"{'read by:':<15}{config.default_method}" + ("" if config.lower_ranks_trained else
+               " (only the full rank was trained: lower ranks are its SVD truncations)"))
     for f in dataclasses.fields(config):  # every other QDyLoRA setting, as the config defines them
         if f.name in ("r_min", "r_max", "ranks"):
             continue

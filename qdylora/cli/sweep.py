@@ -20,9 +20,9 @@ from .params import RankList, data_options
 @click.option("--sample-prompts", default=None, type=click.Path(dir_okay=False), help="Also answer these prompts at every rank (one per line, or JSONL); stored in rank_sweep.json.")
 @click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1), help="Length of the sample answers.")
 @click.option(
-    "--method", "methods", default="prefix", show_default=True,
+    "--method", "methods", default=None,
     help="Truncation methods to measure each rank under, e.g. prefix,svd (svd: the top-b SVD of each layer's delta); "
-    "the recommendation is then a (rank, method).",
+    "the recommendation is then a (rank, method). Default: prefix for a QDyLoRA run, svd for a plain LoRA adapter.",
 )
 def sweep(adapter_dir: str, data_path: str, prompt_field, answer_field, template, max_length, limit, ranks, base,
           refine, tolerance, batch_size, no_4bit, out, sample_prompts, max_new_tokens, methods) -> None:
@@ -32,7 +32,7 @@ def sweep(adapter_dir: str, data_path: str, prompt_field, answer_field, template
     from ..generation import format_samples, read_prompts
     from ..workflow import sweep_adapter
 
-    methods = check_methods(methods)
+    methods = check_methods(methods) if methods is not None else None
     spec = DataSpec(
         path=data_path, prompt_field=prompt_field, answer_field=answer_field,
         template=template, max_length=max_length, limit=limit,

@@ -76,7 +76,8 @@ def export_adapter(
         force: Prefix-cut an adapter without qdylora_config.json (a plain LoRA adapter; its
             lower ranks were never trained, so its prefixes are unlikely to be any good).
             Not needed with `method="svd"`.
-        method: "prefix" or "svd". None: prefix, or with rank "recommended" the method
+        method: "prefix" or "svd". None: the adapter's default (prefix for a QDyLoRA run,
+            svd for one trained at full rank only), or with rank "recommended" the method
             the sweep recommended.
 
     Returns:
@@ -114,7 +115,7 @@ def export_adapters(
     source = SourceAdapter.open(adapter_dir, force=force, method=method)
     if method is None and any(isinstance(r, str) and r.strip().lower() == "recommended" for r in ranks):
         method = source.resolve("recommended")[1]
-    method = method or "prefix"
+    method = method or source.default_method
     wanted = sorted({source.resolve(r, method)[0] for r in ranks})
     if not wanted:
         raise InputError("no ranks to export")

@@ -115,7 +115,8 @@ def export_merged(
         overwrite: Replace an existing `out_dir`.
         force: Prefix-cut an adapter without qdylora_config.json (not needed with `svd`).
         method: "prefix" (B[:, :b] A[:b]) or "svd" (the top-b SVD of each module's delta).
-            None: prefix, or with rank "recommended" the method the sweep recommended.
+            None: the adapter's default (prefix; svd for one trained at full rank only), or
+            with rank "recommended" the method the sweep recommended.
 
     Returns:
         `out_dir`, which `AutoModelForCausalLM.from_pretrained` loads.

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..adapter_io import PEFT_PREFIX, WEIGHTS_NAME, LoraModule, check_adapter, read_safetensors
+from ..adapter_io import PEFT_PREFIX, WEIGHTS_NAME, LoraModule, check_adapter, default_method, read_safetensors
 from ..errors import InputError
 from ..ranks import check_method, lora_scale, svd_truncate
 from ..sweep_result import SWEEP_JSON, SweepResult
@@ -97,6 +97,11 @@ class SourceAdapter:
 
     # -- what it is ---------------------------------------------------------------------
     @property
+    def default_method(self) -> str:
+        """prefix for a QDyLoRA run, svd for an adapter trained at its full rank only."""
+        return default_method(self.qdylora, self.r_max)
+
+    @property
     def use_rslora(self) -> bool:
         return bool(self.peft_config.get("use_rslora", False))
 
@@ -118,7 +123,7 @@ class SourceAdapter:
         return SweepResult.from_dict(data) if data else None
 
     def resolve(self, rank: int | str, method: str | None = None) -> tuple[int, str]:
-        """Check a requested (rank, method); the method defaults to prefix.
+        """Check a requested (rank, method); the method defaults to the adapter's (`default_method`).
 
         With rank "recommended", a `method` of None takes the sweep's recommended
         (rank, method); an explicit other method takes the rank the sweep recommends for
@@ -138,7 +143,7 @@ class SourceAdapter:
             else:
                 b = sweep.recommend(method)[0]
         else:
-            method = method or "prefix"
+            method = method or self.default_method
             b = self.resolve_rank(rank, method)
         if method == "svd":
             self.check_svd(b)

@@ -62,7 +62,7 @@ def _fields() -> dict[str, Any]:
     out: dict[str, Any] = {
         "qdylora_preset": (str | None, Field(
             default=None,
-            description="Start from a named recipe (QDyLoraConfig.preset: paper, balanced); qdylora_* keys set "
+            description="Start from a named recipe (QDyLoraConfig.preset: paper, balanced, plain); qdylora_* keys set "
             "here override it.",
         )),
     }
@@ -106,7 +106,8 @@ class _Checks(BaseModel):
             has_eval = bool(getattr(self, "val_set_size", 0)) or bool(getattr(self, "test_datasets", None))
             problem = export_problem(export, sweep, has_eval, {
                 "ranks": "qdylora_export_ranks", "method": "qdylora_export_method", "enabled": "qdylora_sweep: true",
-                "methods": "qdylora_sweep_methods", "eval": "val_set_size (or test_datasets)"})
+                "methods": "qdylora_sweep_methods", "eval": "val_set_size (or test_datasets)"},
+                config.default_method if lora_r else "prefix")
             if problem:
                 raise ValueError(problem)
         return self

@@ -73,6 +73,7 @@ class RankSamplesCallback(TrainerCallback):
         self.ranks = sorted(set(ranks))
         if config is not None:
             config.check_ranks(self.ranks, what="sample ranks")
+            generate_kwargs.setdefault("method", config.default_method)  # svd for a plain (preset plain) run
         self.generate_kwargs = generate_kwargs
         self._last_step: int | None = None
 

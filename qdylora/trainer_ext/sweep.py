@@ -28,11 +28,12 @@ def run_sweep(
     greater_is_better: bool = False,
     sample_prompts: list[str] | None = None,
     sample_kwargs: dict[str, Any] | None = None,
-    methods: Sequence[str] = ("prefix",),
+    methods: Sequence[str] | None = None,
 ) -> SweepResult:
     """Evaluate `trainer` (a QDyLoRA trainer) at each rank under each method, refining if asked.
 
-    `methods`: "prefix" evaluates `trainer.evaluate(rank=b)` (logged `eval_r{b}_*`); "svd"
+    `methods` (default: the run's `default_method`, prefix unless only r_max was trained):
+    "prefix" evaluates `trainer.evaluate(rank=b)` (logged `eval_r{b}_*`); "svd"
     the same with every layer's delta SVD-truncated to b (`DynamicRank.svd_scope`, logged
     `eval_svd_r{b}_*`). Refinement measures the ranks around the best (rank, method)
     under every method. The result's `results` (what readers from before methods read)
@@ -43,7 +44,7 @@ def run_sweep(
     config = trainer.qdylora_config
     ranks = sorted(set(ranks))
     config.check_ranks(ranks)
-    methods = check_methods(methods)
+    methods = check_methods(methods or [config.default_method])
     primary = "prefix" if "prefix" in methods else methods[0]
     sample_prompts = list(sample_prompts or [])
     if sample_prompts and getattr(trainer, "processing_class", None) is None:
