@@ -30,10 +30,13 @@ Metric: mean NLL per answer token (token-weighted), `paper_table.answer_loss`.
     OMP_NUM_THREADS=1 python benchmarks/real.py run gsm8k plain paper lw_anchor --seeds 0
     python benchmarks/real.py report          # -> results/real_{demo,gsm8k}.json, real.md, real.png
 
-Cost on the project's 2 shared CPU cores, one thread (measured 2026-12-01, see real.md for
-each run's own numbers): a demo run trains in about 2-4 min wall, plus about 1-2 min of
-readouts for an r_max run (3 methods x 5 ranks x val+test); lw_anchor trains two ranks per
-step (about 1.7x). A GSM8K run is about 15-20 min. Results: benchmarks/results/real/<task>/
+Cost on the project's 2 shared CPU cores, one thread, `nice -n 5` (measured 2026-12-01 with another
+engineer's jobs on the other core; each run's own numbers are in real.md): a demo run trains in
+355-385 s CPU (370-440 s wall), lw_anchor 706 s (2.0x: two ranks per step); one evaluation pass
+over 48 problems costs about 20-25 s, so the plain r16 run's readouts (prefix + svd + asvd, 5 ranks,
+val + test, plus the calibration pass) take about 15 min, paper's (prefix + svd) about 6 min, a
+dedicated run's about 1 min. A GSM8K run is about 15-20 min of training plus its readouts (not run yet).
+Results: benchmarks/results/real/<task>/
 <run>-s<seed>.json (written atomically, existing ones skipped unless --force); adapters in
 ~/.cache/qdylora/real/<task>/<run>-s<seed>/ (not committed) so readouts can be recomputed.
 Existing dedicated GSM8K runs of quality.py (qlora-r1/r4/r16, same settings) are reused
