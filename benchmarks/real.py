@@ -1,0 +1,526 @@
+"""Issue 12 section 3: which one-run pipeline gives the best rank-b adapter, on real data?
+
+Two tasks, both SmolLM2-135M-Instruct on an NF4 + double-quant base, LoRA on all linears, alpha 16:
+
+- demo:  the demo's own setting (qdylora/demo, `DemoSettings`): generated arithmetic word
+         problems, 400 train problems, 50 steps of batch 8, LR 1e-3, max length 96, r_max 16,
+         ranks 1, 2, 4, 8, 16. The data is generated ONCE from data seed 0 (the demo's default)
+         for every training seed, so all arms and seeds see the same problems; 96 held-out
+         problems: val = the first 48 (exactly the demo's own held-out set), test = the next 48.
+- gsm8k: benchmarks/quality.py's setting (100 steps of batch 4 on the first 400 train
+         problems, LR 5e-4, max length 192, r_max 64, ranks 1, 4, 16, 64); val = train problems
+         400..463, test = the first 64 test problems.
+
+Training runs (one JSON per run and seed; all readouts of one run come from that one run):
+- `lora-rB`: a dedicated plain QLoRA run at r = B (the limit; the r_max one is `plain`);
+- `plain`: ONE plain QLoRA run at r_max, read out as
+  `lora_rmax_prefix` (A[:b], B[:, :b], scale alpha/b, what qdylora's rank_scope does),
+  `lora_rmax_svd` (each layer's delta top-b SVD: `rank_scope(model, b, method="svd")`),
+  `lora_rmax_asvd` (activation-aware SVD: each layer's rank-b delta minimises the error on
+  the covariance of its inputs, measured on the first 128 TRAINING examples, non-pad tokens;
+  the same math as planted.py's `whitened_truncate`, with the whitening computed once per layer);
+- `paper`: QDyLoRA paper recipe (QDyLoraConfig preset "paper"), read as `paper` (prefix,
+  today's default), `paper+svd`, `paper+asvd`;
+- `lw_anchor`: quality.py's lw-anchor (loss weight inverse_scale + anchor r_max), read as
+  `lw_anchor`, `lw_anchor+svd`, `lw_anchor+asvd`.
+Same seed => same LoRA init, data order and (for QDyLoRA) rank draws in every arm.
+Metric: mean NLL per answer token (token-weighted), `paper_table.answer_loss`.
+
+    OMP_NUM_THREADS=1 python benchmarks/real.py run demo plain paper lw_anchor lora-r1 --seeds 0,1
+    OMP_NUM_THREADS=1 python benchmarks/real.py run gsm8k plain paper lw_anchor --seeds 0
+    python benchmarks/real.py report          # -> results/real_{demo,gsm8k}.json, real.md, real.png
+
+Cost on the project's 2 shared CPU cores, one thread, `nice -n 5` (measured 2026-12-01 with another
+engineer's jobs on the other core; each run's own numbers are in real.md): a demo run trains in
+355-385 s CPU (370-440 s wall), lw_anchor 706 s (2.0x: two ranks per step); one evaluation pass
+over 48 problems costs about 20-25 s, so the plain r16 run's readouts (prefix + svd + asvd, 5 ranks,
+val + test, plus the calibration pass) take about 15 min, paper's (prefix + svd) about 6 min, a
+dedicated run's about 1 min. A GSM8K run is about 15-20 min of training plus its readouts (not run yet).
+Results: benchmarks/results/real/<task>/
+<run>-s<seed>.json (written atomically, existing ones skipped unless --force); adapters in
+~/.cache/qdylora/real/<task>/<run>-s<seed>/ (not committed) so readouts can be recomputed.
+Existing dedicated GSM8K runs of quality.py (qlora-r1/r4/r16, same settings) are reused
+by `report` when their spec/steps/lr match and no run of ours exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from paper_table import GSM8K_DIR, TEMPLATE, answer_loss  # noqa: E402
+
+import qdylora  # noqa: E402
+from qdylora import QDyLoraConfig, QDyLoraTrainer, load_model, rank_scope  # noqa: E402
+from qdylora.config import PRESETS, write_json_atomic  # noqa: E402
+from qdylora.data import collator, encode, load_tokenizer  # noqa: E402
+from qdylora.ranks import DynamicRank, lora_layers, lora_scale, svd_truncate  # noqa: E402
+from qdylora.trainer_ext.sweep import aurac  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+RUNS = RESULTS / "real"
+WORK = Path.home() / ".cache" / "qdylora" / "real"
+ALPHA = 16
+CALIBRATION = 128  # training examples whose layer inputs give the activation-aware SVD its covariance
+
+TASKS: dict[str, dict[str, Any]] = {
+    "demo": {"r_max": 16, "ranks": [1, 2, 4, 8, 16], "steps": 50, "batch": 8, "lr": 1e-3, "max_length": 96,
+             "optim": None, "eval_batch": 16},
+    "gsm8k": {"r_max": 64, "ranks": [1, 4, 16, 64], "steps": 100, "batch": 4, "lr": 5e-4, "max_length": 192,
+              "optim": "adamw_torch", "eval_batch": 8},
+}
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": dict(PRESETS["paper"]),
+    "lw_anchor": {"loss_weight": "inverse_scale", "anchor_ranks": ["r_max"]},  # = quality.py's lw-anchor
+}
+# readouts measured per r_max run (each costs ~20 s per rank and split on the demo): the arms the
+# issue asks for; paper+asvd / lw_anchor / lw_anchor+asvd are left out to fit the time budget
+READOUTS: dict[str, list[str]] = {"plain": ["prefix", "svd", "asvd"], "paper": ["prefix", "svd"], "lw_anchor": ["svd"]}
+# arm name -> (training run, readout method)
+ARMS: dict[str, tuple[str, str]] = {
+    "dedicated": ("lora-r*", "prefix"),
+    "lora_rmax_prefix": ("plain", "prefix"),
+    "lora_rmax_svd": ("plain", "svd"),
+    "lora_rmax_asvd": ("plain", "asvd"),
+    "paper": ("paper", "prefix"),
+    "paper+svd": ("paper", "svd"),
+    "paper+asvd": ("paper", "asvd"),
+    "lw_anchor": ("lw_anchor", "prefix"),
+    "lw_anchor+svd": ("lw_anchor", "svd"),
+    "lw_anchor+asvd": ("lw_anchor", "asvd"),
+}
+
+
+# -- data ----------------------------------------------------------------------------------------
+def demo_problems() -> dict[str, list[dict[str, str]]]:
+    from qdylora.demo.data import make_splits
+
+    train, held = make_splits(400, 96, seed=0)
+    return {"train": train, "val": held[:48], "test": held[48:]}
+
+
+def load_task(task: str, tokenizer: Any) -> dict[str, Any]:
+    cfg = TASKS[task]
+    if task == "demo":
+        probs = demo_problems()
+    else:
+        def read(name: str, start: int, size: int) -> list[dict[str, str]]:
+            with open(GSM8K_DIR / name) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            return [{"question": r["question"], "answer": r["answer"]} for r in rows[start:start + size]]
+        probs = {"train": read("train.jsonl", 0, 400), "val": read("train.jsonl", 400, 64),
+                 "test": read("test.jsonl", 0, 64)}
+    import datasets
+
+    def as_ds(ps):
+        enc = [encode(p["question"], " " + p["answer"], tokenizer, TEMPLATE, cfg["max_length"]) for p in ps]
+        return datasets.Dataset.from_list(enc)
+    return {k: as_ds(v) for k, v in probs.items()}
+
+
+# -- activation-aware SVD ------------------------------------------------------------------------
+@torch.no_grad()
+def masked_input_covariances(model: Any, dataset: Any, collate: Any, batch: int) -> dict[str, torch.Tensor]:
+    """E[x x^T] of each LoRA layer's input over the non-pad tokens of `dataset`, model at full rank."""
+    dr = DynamicRank.of(model)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    keep: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, layer in lora_layers(dr.model, dr.adapter_name):
+        def pre(m, inputs, name=name):
+            x = inputs[0].detach()
+            x = x[keep["mask"]].double() if x.dim() == 3 else x.flatten(0, -2).double()
+            sums[name] = sums.get(name, 0) + x.T @ x
+            counts[name] = counts.get(name, 0) + len(x)
+        handles.append(layer.register_forward_pre_hook(pre))
+    try:
+        model.eval()
+        for i in range(0, len(dataset), batch):
+            b = collate([dataset[j] for j in range(i, min(i + batch, len(dataset)))])
+            keep["mask"] = b["attention_mask"].bool()
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: sums[n] / counts[n] for n in sums}
+
+
+def whitening(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C^(1/2), C^(-1/2)) of cov + 1e-6 * mean eigenvalue (planted.whitened_truncate's regulariser)."""
+    c = cov.double()
+    evals, q = torch.linalg.eigh(c + 1e-6 * float(c.diagonal().mean()) * torch.eye(len(c), dtype=c.dtype))
+    evals = evals.clamp_min(1e-300)
+    return (q * evals.sqrt()) @ q.T, (q * evals.rsqrt()) @ q.T
+
+
+@contextlib.contextmanager
+def asvd_scope(model: Any, b: int, roots: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+    """Run at rank b with each delta replaced by its activation-aware top-b approximation.
+
+    D_b = top-b SVD(D C^(1/2)) C^(-1/2), written into the first b rows/columns of A/B and run
+    under rank_scope(b) (PEFT's scale at b): exactly a rank-b PEFT adapter.
+    """
+    dr = DynamicRank.of(model)
+    saved = []
+    for name, layer in lora_layers(dr.model, dr.adapter_name):
+        a, bb = layer.lora_A[dr.adapter_name].weight, layer.lora_B[dr.adapter_name].weight
+        scale = layer.scaling[dr.adapter_name]
+        out_scale = lora_scale(layer.lora_alpha[dr.adapter_name], b, dr.use_rslora)
+        root, inv_root = roots[name]
+        new_a, new_b = svd_truncate(a.detach().double() @ root, bb, scale, b, out_scale)
+        new_a = (new_a.double() @ inv_root).to(a.dtype)
+        saved.append((a, bb, a.detach().clone(), bb.detach().clone()))
+        with torch.no_grad():
+            a[:b].copy_(new_a)
+            bb[:, :b].copy_(new_b.to(bb.dtype))
+    try:
+        with rank_scope(model, b):
+            yield
+    finally:
+        with torch.no_grad():
+            for a, bb, a0, b0 in saved:
+                a.copy_(a0)
+                bb.copy_(b0)
+
+
+# -- one run -------------------------------------------------------------------------------------
+def run_one(task: str, run: str, seed: int, ctx: dict[str, Any]) -> dict[str, Any]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    cfg = TASKS[task]
+    r = int(run[len("lora-r"):]) if run.startswith("lora-r") else cfg["r_max"]
+    model = load_model(ctx["model"])
+    torch.manual_seed(seed)
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=ALPHA, lora_dropout=0.0,
+                                             target_modules="all-linear"))
+    extra = {"optim": cfg["optim"]} if cfg["optim"] else {}
+    with tempfile.TemporaryDirectory() as scratch:
+        targs = TrainingArguments(
+            output_dir=scratch, max_steps=cfg["steps"], per_device_train_batch_size=cfg["batch"],
+            learning_rate=cfg["lr"], lr_scheduler_type="constant_with_warmup", warmup_steps=0.03, max_grad_norm=0.3,
+            weight_decay=0.0, seed=seed, data_seed=seed, logging_steps=max(1, cfg["steps"] // 5),
+            save_strategy="no", report_to="none", remove_unused_columns=False, disable_tqdm=True, **extra,
+        )
+        kwargs = dict(model=model, args=targs, train_dataset=ctx["data"]["train"], data_collator=ctx["collate"])
+        if run in RECIPES:
+            trainer = QDyLoraTrainer(**kwargs, qdylora_config=QDyLoraConfig(seed=seed, **RECIPES[run]))
+        else:
+            trainer = Trainer(**kwargs)
+        t0, c0 = time.perf_counter(), time.process_time()
+        train_loss = trainer.train().training_loss
+        train_s, train_cpu = time.perf_counter() - t0, time.process_time() - c0
+    adapter = WORK / task / f"{run}-s{seed}"
+    model.save_pretrained(str(adapter))
+    print(f"[{task} {run} s{seed}] trained in {train_s:.0f}s wall ({train_cpu:.0f}s CPU), loss {train_loss:.4f}",
+          flush=True)
+    out: dict[str, Any] = {"task": task, "run": run, "seed": seed, "r": r, "settings": cfg,
+                           "recipe": RECIPES.get(run), "train_loss": train_loss, "train_seconds": train_s,
+                           "train_cpu_seconds": train_cpu, "adapter": str(adapter), "readouts": {}}
+    t0, c0 = time.perf_counter(), time.process_time()
+    if r == cfg["r_max"]:
+        methods, roots = READOUTS[run], None
+        if "asvd" in methods:
+            calib = ctx["data"]["train"].select(range(CALIBRATION))
+            covs = masked_input_covariances(model, calib, ctx["collate"], cfg["eval_batch"])
+            roots = {n: whitening(c) for n, c in covs.items()}
+            del covs
+        ranks = cfg["ranks"]
+    else:
+        methods, ranks, roots = ["prefix"], [r], None
+    for method in methods:
+        res: dict[str, dict[str, float]] = {"val": {}, "test": {}}
+        for b in ranks:
+            if b == r and method != "prefix" and "prefix" in out["readouts"]:
+                # at b = r_max svd/asvd keep the whole delta (the same adapter up to float rounding,
+                # 1e-6 relative): reuse the prefix numbers instead of two more evaluation passes
+                for split in ("val", "test"):
+                    res[split][str(b)] = out["readouts"]["prefix"][split][str(b)]
+                continue
+            if method == "asvd":
+                scope = asvd_scope(model, b, roots)
+            elif method == "svd":
+                scope = rank_scope(model, b, method="svd")
+            else:
+                scope = rank_scope(model, b)
+            with scope:
+                for split in ("val", "test"):
+                    res[split][str(b)] = answer_loss(model, ctx["data"][split], ctx["collate"], cfg["eval_batch"])
+        out["readouts"][method] = res
+        print(f"[{task} {run} s{seed}] {method} val: " + "  ".join(f"r{b} {v:.4f}" for b, v in res["val"].items()),
+              flush=True)
+    out["readout_seconds"], out["readout_cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
+    del model, trainer
+    gc.collect()
+    return out
+
+
+def main_run(args: argparse.Namespace) -> None:
+    from qdylora.demo.smollm2 import smollm2_path
+
+    print(f"qdylora imported from {qdylora.__file__}", flush=True)
+    model = args.model or str(smollm2_path())
+    tokenizer = load_tokenizer(model)
+    ctx = {"model": model, "collate": collator(tokenizer), "data": load_task(args.task, tokenizer)}
+    out_dir = RUNS / args.task
+    out_dir.mkdir(parents=True, exist_ok=True)
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPUs (shared with another engineer's jobs), "
+               f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    zs = out_dir / "zero-shot.json"
+    if not zs.is_file():
+        m = load_model(model, prepare_for_training=False)
+        write_json_atomic(zs, {s: answer_loss(m, ctx["data"][s], ctx["collate"], TASKS[args.task]["eval_batch"])
+                               for s in ("val", "test")} | {"machine": machine})
+        del m
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for run in args.runs:
+            path = out_dir / f"{run}-s{seed}.json"
+            if path.is_file() and not args.force:
+                print(f"[{args.task} {run} s{seed}] already measured: {path}", flush=True)
+                continue
+            res = run_one(args.task, run, seed, ctx)
+            res["command"] = (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')} "
+                              f"python benchmarks/real.py run {args.task} {run} --seeds {seed}")
+            res["machine"], res["finished"] = machine, time.strftime("%Y-%m-%d %H:%M")
+            write_json_atomic(path, res)
+
+
+# -- report --------------------------------------------------------------------------------------
+def load_runs(task: str) -> dict[str, dict[int, dict[str, Any]]]:
+    """run name -> seed -> {"val": {rank: loss}, ...} per readout method, plus reused quality.py runs."""
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    for f in sorted((RUNS / task).glob("*-s[0-9]*.json")):
+        r = json.loads(f.read_text())
+        runs.setdefault(r["run"], {})[int(r["seed"])] = r
+    if task == "gsm8k":  # reuse quality.py's dedicated runs (same settings, same seed) when ours are missing
+        for b in (1, 4, 16):
+            for f in sorted((RESULTS / "quality" / "runs").glob(f"qlora-r{b}-s[0-9]*.json")):
+                q = json.loads(f.read_text())
+                if q["spec"] != {"qlora": b} or q["steps"] != 100 or q["lr"] != 5e-4:
+                    continue
+                seed = int(q["seed"])
+                if seed not in runs.get(f"lora-r{b}", {}):
+                    runs.setdefault(f"lora-r{b}", {})[seed] = {
+                        "run": f"lora-r{b}", "seed": seed, "r": b, "reused": str(f.relative_to(ROOT)),
+                        "train_seconds": q["train_seconds"], "train_cpu_seconds": q["train_cpu_seconds"],
+                        "readouts": {"prefix": {"val": q["val"], "test": q["test"]}}}
+    return runs
+
+
+def arm_values(task: str, runs: dict[str, dict[int, dict[str, Any]]], arm: str, split: str) -> dict[int, dict[str, float]]:
+    """seed -> {rank: loss} for one arm (only seeds/ranks that were measured)."""
+    run, method = ARMS[arm]
+    cfg = TASKS[task]
+    out: dict[int, dict[str, float]] = {}
+    if run == "lora-r*":
+        for b in cfg["ranks"]:
+            name = "plain" if b == cfg["r_max"] else f"lora-r{b}"
+            for seed, r in runs.get(name, {}).items():
+                v = r["readouts"]["prefix"][split].get(str(b))
+                if v is not None:
+                    out.setdefault(seed, {})[str(b)] = v
+        return out
+    for seed, r in runs.get(run, {}).items():
+        if method in r["readouts"]:
+            out[seed] = dict(r["readouts"][method][split])
+    return out
+
+
+def summarise(task: str) -> dict[str, Any]:
+    runs = load_runs(task)
+    cfg = TASKS[task]
+    arms: dict[str, Any] = {}
+    for arm in ARMS:
+        per = {s: arm_values(task, runs, arm, s) for s in ("val", "test")}
+        if not per["val"]:
+            continue
+        entry: dict[str, Any] = {"one_run": arm != "dedicated", "seeds": sorted(per["val"])}
+        for split, key in (("val", "ranks"), ("test", "test")):
+            entry[key] = {}
+            entry[key + "_half_spread"] = {}
+            for b in cfg["ranks"]:
+                vals = [v[str(b)] for v in per[split].values() if str(b) in v]
+                if vals:
+                    entry[key][str(b)] = sum(vals) / len(vals)
+                    entry[key + "_half_spread"][str(b)] = (max(vals) - min(vals)) / 2
+            entry[key + "_seeds_per_rank"] = {str(b): sorted(s for s, v in per[split].items() if str(b) in v)
+                                              for b in cfg["ranks"]}
+        entry["per_seed"] = {split: {str(s): v for s, v in per[split].items()} for split in ("val", "test")}
+        if len(entry["ranks"]) == len(cfg["ranks"]):
+            entry["aurac_val"] = aurac({int(b): v for b, v in entry["ranks"].items()})
+        arms[arm] = entry
+    # best one-run arm: lowest val AURAC among one-run arms measured on the most seeds at every rank
+    full = {a: e for a, e in arms.items() if e["one_run"] and "aurac_val" in e}
+    best = None
+    if full:
+        most = max(len(e["seeds"]) for e in full.values())
+        pool = {a: e for a, e in full.items() if len(e["seeds"]) == most}
+        best = min(pool, key=lambda a: pool[a]["aurac_val"])
+    zs_path = RUNS / task / "zero-shot.json"
+    zero = json.loads(zs_path.read_text()) if zs_path.is_file() else None
+    timing = {f"{run}-s{seed}": {k: round(r[k], 1) for k in ("train_seconds", "train_cpu_seconds", "readout_seconds",
+                                                              "readout_cpu_seconds") if k in r}
+              | ({"reused": r["reused"]} if "reused" in r else {})
+              for run, by in runs.items() for seed, r in sorted(by.items())}
+    return {"task": task, "settings": cfg, "ranks": cfg["ranks"], "metric": "mean NLL per answer token, val (test under 'test')",
+            "zero_shot": zero, "arms": arms, "best_one_run": best, "best_one_run_rule":
+            "lowest val AURAC (mean loss over log2 ranks) among one-run arms measured at every rank on the most seeds",
+            "runs": timing}
+
+
+def fmt(entry: dict[str, Any], key: str, b: int) -> str:
+    v = entry[key].get(str(b))
+    if v is None:
+        return "not run"
+    n = len(entry[key + "_seeds_per_rank"][str(b)])
+    return f"{v:.4f} ± {entry[key + '_half_spread'][str(b)]:.4f}" if n > 1 else f"{v:.4f} (s{entry[key + '_seeds_per_rank'][str(b)][0]})"
+
+
+def table(data: dict[str, Any], key: str, arms: list[str] | None = None) -> list[str]:
+    ranks = data["ranks"]
+    arms = arms or list(data["arms"])
+    lines = ["| arm | seeds | " + " | ".join(f"r{b}" for b in ranks) + " | AURAC |",
+             "|---" * (len(ranks) + 3) + "|"]
+    for a in arms:
+        e = data["arms"].get(a)
+        if e is None:
+            lines.append(f"| {a} | | " + " | ".join("not run" for _ in ranks) + " | |")
+            continue
+        au = aurac({int(b): v for b, v in e[key].items()}) if len(e[key]) == len(ranks) else None
+        lines.append(f"| {a} | {','.join(map(str, e['seeds']))} | " + " | ".join(fmt(e, key, b) for b in ranks)
+                     + f" | {au:.4f} |" if au is not None else
+                     f"| {a} | {','.join(map(str, e['seeds']))} | " + " | ".join(fmt(e, key, b) for b in ranks) + " | |")
+    return lines
+
+
+def ratio_table(data: dict[str, Any], ref: str) -> list[str]:
+    """Each arm / ref at each rank, per seed (only seeds both measured), shown as min-max over seeds."""
+    ranks = data["ranks"]
+    if ref not in data["arms"]:
+        return [f"({ref} not run)"]
+    refv = data["arms"][ref]["per_seed"]["val"]
+    lines = ["| arm | " + " | ".join(f"r{b}" for b in ranks) + " |", "|---" * (len(ranks) + 1) + "|"]
+    for a, e in data["arms"].items():
+        cells = []
+        for b in ranks:
+            rs = [v[str(b)] / refv[s][str(b)] for s, v in e["per_seed"]["val"].items()
+                  if s in refv and str(b) in v and str(b) in refv[s]]
+            cells.append("" if not rs else (f"{rs[0]:.3f}" if len(rs) == 1 else f"{min(rs):.3f}-{max(rs):.3f}"))
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot(datas: list[dict[str, Any]], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(datas), figsize=(6.5 * len(datas), 4.8), squeeze=False)
+    for ax, data in zip(axes[0], datas):
+        for a, e in data["arms"].items():
+            pts = sorted((int(b), v) for b, v in e["ranks"].items())
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "--" if a == "dedicated" else "-",
+                    marker="o", ms=3, lw=2.2 if a in ("dedicated", "lora_rmax_svd") else 1.2,
+                    color="black" if a == "dedicated" else None, label=f"{a} (s{','.join(map(str, e['seeds']))})")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")  # zero-shot (far above every arm) is in the title, not drawn
+        ax.set_xticks(data["ranks"], [str(b) for b in data["ranks"]])
+        ax.set_xlabel("rank b")
+        ax.set_ylabel("val loss (NLL per answer token)")
+        ax.set_title(f"{data['task']}: r_max {data['settings']['r_max']}, {data['settings']['steps']} steps "
+                     f"x {data['settings']['batch']}" + (f" (zero-shot {data['zero_shot']['val']:.3f})" if data.get("zero_shot") else ""),
+                     fontsize=10)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+def main_report(args: argparse.Namespace) -> None:
+    md = ["# Issue 12 section 3: the one-run pipelines on real data", "",
+          "Generated by `python benchmarks/real.py report` from benchmarks/results/real/<task>/*.json "
+          "(the findings paragraph is hand-written in benchmarks/results/real.findings.md).", ""]
+    findings = RESULTS / "real.findings.md"
+    if findings.is_file():
+        md += findings.read_text().splitlines() + [""]
+    datas = []
+    for task in TASKS:
+        if not (RUNS / task).is_dir():
+            continue
+        data = summarise(task)
+        write_json_atomic(RESULTS / f"real_{task}.json", data)
+        datas.append(data)
+        s = data["settings"]
+        md += [f"## {task}: r_max {s['r_max']}, {s['steps']} steps x batch {s['batch']}, LR {s['lr']}", "",
+               f"Validation loss (mean NLL per answer token; mean ± half the spread over seeds; '(sN)': one seed only). "
+               f"Zero-shot val {data['zero_shot']['val']:.4f}." if data["zero_shot"] else "", "",
+               "Commands: " + "; ".join(sorted({f"`OMP_NUM_THREADS=1 python benchmarks/real.py run {task} {run.rsplit('-s', 1)[0]} --seeds ...`"
+                                                 for run in data["runs"] if "reused" not in data["runs"][run]})), ""]
+        md += table(data, "ranks") + [""]
+        md += ["Ratio to `lora_rmax_svd`, per seed (min-max over the seeds both measured):", ""]
+        md += ratio_table(data, "lora_rmax_svd") + [""]
+        md += ["Ratio to `dedicated`, per seed:", ""] + ratio_table(data, "dedicated") + [""]
+        md += [f"Best one-run arm by val AURAC: **{data['best_one_run']}** ({data['best_one_run_rule']}).", ""]
+        md += ["Per-run time (wall / CPU seconds of the one process; 2 CPU cores shared with another engineer's "
+               "test runs, one torch thread):", "", "| run | train wall | train CPU | readouts wall | readouts CPU |",
+               "|---|---|---|---|---|"]
+        for run, t in data["runs"].items():
+            md.append(f"| {run} | {t.get('train_seconds', '')} | {t.get('train_cpu_seconds', '')} | "
+                      f"{t.get('readout_seconds', '')} | {t.get('readout_cpu_seconds', '')} |"
+                      + (f" reused {t['reused']}" if "reused" in t else ""))
+        md.append("")
+    chosen = [c for c in args.chosen.split(",") if c]
+    if chosen:
+        md += ["## Test (shown last; the arms were chosen on validation)", ""]
+        for data in datas:
+            md += [f"### {data['task']}", ""] + table(data, "test", [a for a in chosen if a in data["arms"]]) + [""]
+    png = RESULTS / "real.png"
+    if datas:
+        plot(datas, png)
+        md += [f"![loss vs rank]({png.name})", ""]
+    (RESULTS / "real.md").write_text("\n".join(md))
+    print("\n".join(md))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train and measure runs")
+    run.add_argument("task", choices=sorted(TASKS))
+    run.add_argument("runs", nargs="+", help="plain, paper, lw_anchor, lora-rB")
+    run.add_argument("--seeds", default="0")
+    run.add_argument("--force", action="store_true")
+    run.add_argument("--model", default=None)
+    rep = sub.add_parser("report")
+    rep.add_argument("--chosen", default="dedicated,lora_rmax_svd,lora_rmax_asvd,paper")
+    args = p.parse_args(argv)
+    if args.command == "run":
+        for r in args.runs:
+            ok = r in ("plain", *RECIPES) or (r.startswith("lora-r") and r[6:].isdigit()
+                                              and int(r[6:]) in TASKS[args.task]["ranks"][:-1])
+            if not ok:
+                p.error(f"unknown run {r!r} for {args.task}")
+        main_run(args)
+    else:
+        main_report(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""benchmarks/real.py's own logic: covariances over non-pad tokens only, and its activation-aware SVD."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import real  # noqa: E402
+
+
+def _model(tmp_path, r=8):
+    from peft import LoraConfig, get_peft_model
+
+    from qdylora import load_model
+    from qdylora.testing import make_tiny_model
+
+    base = make_tiny_model(tmp_path / "base", hidden=64, layers=1)
+    model = load_model(str(base), load_in_4bit=False, prepare_for_training=False)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0,
+                                             init_lora_weights=False, task_type="CAUSAL_LM"))
+    return model.eval()
+
+
+def _collate(rows):
+    n = max(len(r["input_ids"]) for r in rows)
+    ids = torch.tensor([r["input_ids"] + [0] * (n - len(r["input_ids"])) for r in rows])
+    mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (n - len(r["input_ids"])) for r in rows])
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_covariances_ignore_padding(tmp_path):
+    model = _model(tmp_path)
+    rows = [{"input_ids": [5, 6, 7, 8, 9, 10]}, {"input_ids": [11, 12]}, {"input_ids": [13, 14, 15]}]
+    padded = real.masked_input_covariances(model, rows, _collate, batch=3)
+    alone = {}
+    for row in rows:  # one at a time: no padding at all; weight each by its token count
+        c = real.masked_input_covariances(model, [row], _collate, batch=1)
+        for k, v in c.items():
+            alone[k] = alone.get(k, 0) + v * len(row["input_ids"])
+    total = sum(len(r["input_ids"]) for r in rows)
+    assert padded.keys() == alone.keys() and len(padded) == 7
+    for k in padded:
+        torch.testing.assert_close(padded[k], alone[k] / total, rtol=1e-5, atol=1e-6)  # float32 activations
+
+
+def test_asvd_with_identity_covariance_is_plain_svd(tmp_path):
+    from qdylora import rank_scope
+    from qdylora.ranks import DynamicRank, lora_layers
+
+    model = _model(tmp_path)
+    dr = DynamicRank.of(model)
+    roots = {n: real.whitening(torch.eye(layer.lora_A[dr.adapter_name].weight.shape[1], dtype=torch.float64))
+             for n, layer in lora_layers(dr.model, dr.adapter_name)}
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    full = model(input_ids=ids).logits
+    for b in (1, 3):
+        with rank_scope(model, b, method="svd"):
+            want = model(input_ids=ids).logits
+        with real.asvd_scope(model, b, roots):
+            got = model(input_ids=ids).logits
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(got, full, atol=1e-4)  # the truncation did change something
+    torch.testing.assert_close(model(input_ids=ids).logits, full)  # factors restored
+
+
+def test_asvd_beats_svd_on_its_own_calibration_inputs():
+    """On inputs with covariance C, the whitened rank-b delta has the lower error E||(D - D_b) x||^2."""
+    from qdylora.ranks import svd_truncate
+
+    g = torch.Generator().manual_seed(0)
+    a, b_ = torch.randn(8, 32, generator=g, dtype=torch.float64), torch.randn(24, 8, generator=g, dtype=torch.float64)
+    x = torch.randn(500, 32, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 32, dtype=torch.float64)
+    cov = x.T @ x / len(x)
+    root, inv = real.whitening(cov)
+    delta = 2.0 * b_ @ a
+    na, nb = svd_truncate(a @ root, b_, 2.0, 2, 1.0)
+    asvd = nb.double() @ (na.double() @ inv)
+    sa, sb = svd_truncate(a, b_, 2.0, 2, 1.0)
+    svd = sb.double() @ sa.double()
+    err = lambda d: float(((x @ (delta - d).T) ** 2).mean())  # noqa: E731
+    assert err(asvd) < err(svd)
