@@ -71,7 +71,7 @@ from qdylora import QDyLoraConfig, QDyLoraTrainer, load_model, rank_scope  # noq
 from qdylora.config import PRESETS, write_json_atomic  # noqa: E402
 from qdylora.data import collator, encode, load_tokenizer  # noqa: E402
 from qdylora.ranks import DynamicRank, lora_layers, lora_scale, svd_truncate  # noqa: E402
-from qdylora.trainer_ext.sweep import aurac  # noqa: E402
+from qdylora.sweep_result import aurac  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = RESULTS / "real"
