@@ -317,18 +317,25 @@ def oracle(task: dict[str, Any], ranks: list[int], r_max: int) -> dict[str, floa
 
 
 # -- SVD truncation, swapped in ---------------------------------------------------------------
-def whitened_truncate(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, rank: int, out_scale: float,
-                      cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activation-aware rank-`rank` pair: minimises E||(D - D_b) x||^2 for inputs x with E[x x^T] = cov.
-
-    With C^(1/2) the symmetric root of cov (plus 1e-6 * mean eigenvalue, so it inverts), the
-    optimum is D_b = top-b SVD(D C^(1/2)) C^(-1/2): `svd_truncate` of (A C^(1/2), B), then
-    A' = A'' C^(-1/2). cov = identity gives exactly `svd_truncate`.
-    """
+def whitening(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C^(1/2), C^(-1/2)): symmetric roots of cov + 1e-6 * its mean eigenvalue (so it inverts), float64."""
     c = cov.double()
     evals, q = torch.linalg.eigh(c + 1e-6 * float(c.diagonal().mean()) * torch.eye(len(c), dtype=c.dtype))
     evals = evals.clamp_min(1e-300)
-    root, inv_root = (q * evals.sqrt()) @ q.T, (q * evals.rsqrt()) @ q.T
+    return (q * evals.sqrt()) @ q.T, (q * evals.rsqrt()) @ q.T
+
+
+def whitened_truncate(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, rank: int, out_scale: float,
+                      cov: torch.Tensor | None = None, *,
+                      roots: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation-aware rank-`rank` pair: minimises E||(D - D_b) x||^2 for inputs x with E[x x^T] = cov.
+
+    With C^(1/2) the symmetric root of cov (`whitening`), the optimum is
+    D_b = top-b SVD(D C^(1/2)) C^(-1/2): `svd_truncate` of (A C^(1/2), B), then
+    A' = A'' C^(-1/2). cov = identity gives exactly `svd_truncate`. `roots`: `whitening(cov)`
+    computed once, for callers that truncate one layer at several ranks.
+    """
+    root, inv_root = roots if roots is not None else whitening(cov)
     new_a, new_b = svd_truncate(lora_a.detach().double() @ root, lora_b, scale, rank, out_scale)
     return (new_a.double() @ inv_root).to(lora_a.dtype).contiguous(), new_b.to(lora_b.dtype)
 
@@ -336,20 +343,32 @@ def whitened_truncate(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, 
 @torch.no_grad()
 def input_covariances(model: torch.nn.Module, ids: torch.Tensor, batch: int = 64) -> dict[str, torch.Tensor]:
     """E[x x^T] of each LoRA layer's input, the model at full rank, on calibration sequences `ids`."""
+    return batch_covariances(model, ({"input_ids": ids[i:i + batch]} for i in range(0, len(ids), batch)))
+
+
+@torch.no_grad()
+def batch_covariances(model: torch.nn.Module, batches: Any) -> dict[str, torch.Tensor]:
+    """E[x x^T] of each LoRA layer's input over `batches` (dicts of input_ids and, for padded
+    batches, attention_mask: then only the non-pad tokens count), the model at full rank."""
     dr = DynamicRank.of(model)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
+    keep: dict[str, torch.Tensor | None] = {"mask": None}
     handles = []
     for name, layer in lora_layers(dr.model, dr.adapter_name):
         def pre(m, inputs, name=name):
-            x = inputs[0].detach().flatten(0, -2).double()
+            x = inputs[0].detach()
+            mask = keep["mask"]
+            x = x[mask].double() if mask is not None and x.dim() == 3 else x.flatten(0, -2).double()
             sums[name] = sums.get(name, 0) + x.T @ x
             counts[name] = counts.get(name, 0) + len(x)
         handles.append(layer.register_forward_pre_hook(pre))
     try:
         model.eval()
-        for i in range(0, len(ids), batch):
-            model(input_ids=ids[i:i + batch])
+        for b in batches:
+            mask = b.get("attention_mask")
+            keep["mask"] = mask.bool() if mask is not None else None
+            model(**{k: b[k] for k in ("input_ids", "attention_mask") if k in b})
     finally:
         for h in handles:
             h.remove()
@@ -357,12 +376,14 @@ def input_covariances(model: torch.nn.Module, ids: torch.Tensor, batch: int = 64
 
 
 @contextlib.contextmanager
-def svd_at_rank(model: torch.nn.Module, b: int, covs: dict[str, torch.Tensor] | None = None):
+def svd_at_rank(model: torch.nn.Module, b: int, covs: dict[str, torch.Tensor] | None = None, *,
+                roots: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
     """Run at rank b with each layer's delta replaced by its top-b SVD (exactly a rank-b PEFT adapter).
 
     The r_max delta is `scaling * B @ A` with PEFT's scaling at r_max; svd_truncate's A', B'
     go into the first b rows/columns and rank_scope(b) applies lora_scale(alpha, b) to them.
-    With `covs` (layer name -> input covariance) the activation-aware `whitened_truncate` is used.
+    With `covs` (layer name -> input covariance), or their `roots` (layer name -> `whitening`),
+    the activation-aware `whitened_truncate` is used.
     """
     dr = DynamicRank.of(model)
     saved = []
@@ -371,10 +392,12 @@ def svd_at_rank(model: torch.nn.Module, b: int, covs: dict[str, torch.Tensor] | 
         r = a.shape[0]
         scale = layer.scaling[dr.adapter_name]
         out_scale = lora_scale(layer.lora_alpha[dr.adapter_name], b, dr.use_rslora)
-        if covs is None:
-            new_a, new_b = svd_truncate(a, bb, scale, b, out_scale)
-        else:
+        if roots is not None:
+            new_a, new_b = whitened_truncate(a, bb, scale, b, out_scale, roots=roots[name])
+        elif covs is not None:
             new_a, new_b = whitened_truncate(a, bb, scale, b, out_scale, covs[name])
+        else:
+            new_a, new_b = svd_truncate(a, bb, scale, b, out_scale)
         saved.append((a, bb, a.detach().clone(), bb.detach().clone()))
         with torch.no_grad():
             a[:b].copy_(new_a)

@@ -18,7 +18,7 @@ Training runs (one JSON per run and seed; all readouts of one run come from that
   `lora_rmax_svd` (each layer's delta top-b SVD: `rank_scope(model, b, method="svd")`),
   `lora_rmax_asvd` (activation-aware SVD: each layer's rank-b delta minimises the error on
   the covariance of its inputs, measured on the first 128 TRAINING examples, non-pad tokens;
-  the same math as planted.py's `whitened_truncate`, with the whitening computed once per layer);
+  planted.py's `whitened_truncate` itself, with the whitening computed once per layer);
 - `paper`: QDyLoRA paper recipe (QDyLoraConfig preset "paper"), read as `paper` (prefix,
   today's default), `paper+svd`, `paper+asvd`;
 - `lw_anchor`: quality.py's lw-anchor (loss weight inverse_scale + anchor r_max), read as
@@ -46,10 +46,8 @@ by `report` when their spec/steps/lr match and no run of ours exists.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
-import math
 import os
 import platform
 import sys
@@ -65,12 +63,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from paper_table import GSM8K_DIR, TEMPLATE, answer_loss  # noqa: E402
+from planted import batch_covariances, svd_at_rank, whitening  # noqa: E402  (one activation-aware SVD for both yardsticks)
 
 import qdylora  # noqa: E402
 from qdylora import QDyLoraConfig, QDyLoraTrainer, load_model, rank_scope  # noqa: E402
 from qdylora.config import PRESETS, write_json_atomic  # noqa: E402
 from qdylora.data import collator, encode, load_tokenizer  # noqa: E402
-from qdylora.ranks import DynamicRank, lora_layers, lora_scale, svd_truncate  # noqa: E402
 from qdylora.sweep_result import aurac  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -134,70 +132,17 @@ def load_task(task: str, tokenizer: Any) -> dict[str, Any]:
     return {k: as_ds(v) for k, v in probs.items()}
 
 
-# -- activation-aware SVD ------------------------------------------------------------------------
-@torch.no_grad()
+# -- activation-aware SVD (planted.py's, fed with padded real batches) ---------------------------
 def masked_input_covariances(model: Any, dataset: Any, collate: Any, batch: int) -> dict[str, torch.Tensor]:
     """E[x x^T] of each LoRA layer's input over the non-pad tokens of `dataset`, model at full rank."""
-    dr = DynamicRank.of(model)
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    keep: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, layer in lora_layers(dr.model, dr.adapter_name):
-        def pre(m, inputs, name=name):
-            x = inputs[0].detach()
-            x = x[keep["mask"]].double() if x.dim() == 3 else x.flatten(0, -2).double()
-            sums[name] = sums.get(name, 0) + x.T @ x
-            counts[name] = counts.get(name, 0) + len(x)
-        handles.append(layer.register_forward_pre_hook(pre))
-    try:
-        model.eval()
-        for i in range(0, len(dataset), batch):
-            b = collate([dataset[j] for j in range(i, min(i + batch, len(dataset)))])
-            keep["mask"] = b["attention_mask"].bool()
-            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: sums[n] / counts[n] for n in sums}
+    batches = (collate([dataset[j] for j in range(i, min(i + batch, len(dataset)))]) for i in range(0, len(dataset), batch))
+    return batch_covariances(model, batches)
 
 
-def whitening(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C^(1/2), C^(-1/2)) of cov + 1e-6 * mean eigenvalue (planted.whitened_truncate's regulariser)."""
-    c = cov.double()
-    evals, q = torch.linalg.eigh(c + 1e-6 * float(c.diagonal().mean()) * torch.eye(len(c), dtype=c.dtype))
-    evals = evals.clamp_min(1e-300)
-    return (q * evals.sqrt()) @ q.T, (q * evals.rsqrt()) @ q.T
-
-
-@contextlib.contextmanager
 def asvd_scope(model: Any, b: int, roots: dict[str, tuple[torch.Tensor, torch.Tensor]]):
-    """Run at rank b with each delta replaced by its activation-aware top-b approximation.
-
-    D_b = top-b SVD(D C^(1/2)) C^(-1/2), written into the first b rows/columns of A/B and run
-    under rank_scope(b) (PEFT's scale at b): exactly a rank-b PEFT adapter.
-    """
-    dr = DynamicRank.of(model)
-    saved = []
-    for name, layer in lora_layers(dr.model, dr.adapter_name):
-        a, bb = layer.lora_A[dr.adapter_name].weight, layer.lora_B[dr.adapter_name].weight
-        scale = layer.scaling[dr.adapter_name]
-        out_scale = lora_scale(layer.lora_alpha[dr.adapter_name], b, dr.use_rslora)
-        root, inv_root = roots[name]
-        new_a, new_b = svd_truncate(a.detach().double() @ root, bb, scale, b, out_scale)
-        new_a = (new_a.double() @ inv_root).to(a.dtype)
-        saved.append((a, bb, a.detach().clone(), bb.detach().clone()))
-        with torch.no_grad():
-            a[:b].copy_(new_a)
-            bb[:, :b].copy_(new_b.to(bb.dtype))
-    try:
-        with rank_scope(model, b):
-            yield
-    finally:
-        with torch.no_grad():
-            for a, bb, a0, b0 in saved:
-                a.copy_(a0)
-                bb.copy_(b0)
+    """Run at rank b with each delta replaced by its activation-aware top-b approximation
+    (planted.svd_at_rank with the whitening computed once per layer): exactly a rank-b PEFT adapter."""
+    return svd_at_rank(model, b, roots=roots)
 
 
 # -- one run -------------------------------------------------------------------------------------
