@@ -7,9 +7,10 @@ each module's stored rank matches its config (rank_pattern resolved as PEFT does
 is not truncated, and the qdylora config's r_max equals the tensors' rank. Whatever is wrong
 becomes one `InputError` naming the file and the fix, before any model is loaded.
 
-It also holds the one rule for how lower ranks are read (`default_method`): prefix for a
-QDyLoRA run, svd for an adapter whose lower ranks were never trained (a plain LoRA adapter
-with no qdylora_config.json, or `preset("plain")`), where a prefix cut needs `force`.
+It also holds how an adapter's config is read (`stored_config`), and so how its lower ranks
+are read when nobody says (`QDyLoraConfig.default_method`): prefix for a QDyLoRA run, svd for
+an adapter whose lower ranks were never trained (a plain LoRA adapter with no
+qdylora_config.json, or `preset("plain")`), where a prefix cut needs `force`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 from .config import CONFIG_NAME, QDyLoraConfig, read_config_file
 from .errors import InputError, first_line
+from .sweep_result import SWEEP_JSON, SweepResult
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -75,26 +77,36 @@ class AdapterFiles:
 
     @property
     def default_method(self) -> str:
-        """prefix for a QDyLoRA run, svd for an adapter trained at its full rank only (`default_method`)."""
-        return default_method(self.qdylora, self.r_max)
+        """prefix for a QDyLoRA run, svd for an adapter trained at its full rank only."""
+        return self.config.default_method
 
     @property
     def config(self) -> QDyLoraConfig:
-        """The qdylora config, resolved against the tensors' rank; for a plain LoRA adapter
-        (no qdylora_config.json) what it is: trained at its full rank only (preset plain)."""
-        if self.qdylora is None:
-            return QDyLoraConfig.preset("plain").resolve(self.r_max, 0)
-        config = QDyLoraConfig.from_dict(self.qdylora["config"])
-        return config if config.r_max is not None else config.resolve(self.r_max, config.seed or 0)
+        """The qdylora config, resolved against the tensors' rank (`stored_config`)."""
+        return stored_config(self.qdylora, self.r_max)
+
+    def sweep(self) -> SweepResult | None:
+        """The rank sweep recorded for this adapter (`recorded_sweep`), or None."""
+        return recorded_sweep(self.path, self.qdylora)
 
 
-def default_method(qdylora: dict[str, Any] | None, r_max: int) -> str:
-    """How lower ranks of an adapter are read when nobody says: prefix if training ran them (a
-    QDyLoRA run), svd if only the full rank was trained (a plain LoRA adapter, preset plain)."""
+def recorded_sweep(path: str | os.PathLike, qdylora: dict[str, Any] | None) -> SweepResult | None:
+    """The rank sweep recorded for an adapter: in its qdylora_config.json, or for a plain LoRA
+    adapter (which has none) in its rank_sweep.json; None if it was never measured."""
     if qdylora is None:
-        return "svd"
+        return SweepResult.read(path) if (Path(path) / SWEEP_JSON).is_file() else None
+    data = qdylora.get("sweep")
+    return SweepResult.from_dict(data) if data else None
+
+
+def stored_config(qdylora: dict[str, Any] | None, r_max: int) -> QDyLoraConfig:
+    """The config an adapter was trained with (its qdylora_config.json's), resolved against the
+    tensors' rank; for a plain LoRA adapter (none) what it is: trained at its full rank only
+    (preset plain), so its `default_method`, how lower ranks are read when nobody says, is svd."""
+    if qdylora is None:
+        return QDyLoraConfig.preset("plain").resolve(r_max, 0)
     config = QDyLoraConfig.from_dict(qdylora["config"])
-    return (config if config.r_max is not None else config.resolve(r_max, 0)).default_method
+    return config if config.r_max is not None else config.resolve(r_max, config.seed or 0)
 
 
 def save_tensors(tensors: dict[str, Any], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:

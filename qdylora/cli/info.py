@@ -15,7 +15,6 @@ import click
 def info(adapter_dir: str, as_json: bool) -> None:
     """Show how an adapter was trained and, if measured, its ranks."""
     from ..adapter_io import check_adapter
-    from ..sweep_result import SWEEP_JSON, SweepResult
 
     files = check_adapter(adapter_dir, force=True)  # the same consistency checks as every other command
     data = files.qdylora
@@ -24,28 +23,23 @@ def info(adapter_dir: str, as_json: bool) -> None:
         return
     peft_cfg = files.peft_config
     config = files.config
+    trained = ("not trained with qdylora (a plain LoRA adapter: lower ranks are read by svd)" if data is None
+               else data.get("qdylora_version"))
     click.echo(f"{'adapter:':<15}{Path(adapter_dir).resolve()}")
     click.echo(f"{'base model:':<15}{peft_cfg.get('base_model_name_or_path')}")
-    if data is None:  # a plain LoRA adapter: only its full rank was trained
-        click.echo(f"{'qdylora:':<15}not trained with qdylora (a plain LoRA adapter: lower ranks are read by svd)")
-        click.echo(f"{'ranks:':<15}1..{files.r_max}")
-        click.echo(f"{'lora_alpha:':<15}{peft_cfg.get('lora_alpha')}  rsLoRA: {bool(peft_cfg.get('use_rslora'))}")
-        if (files.path / SWEEP_JSON).is_file():
-            click.echo("sweep:")
-            click.echo(SweepResult.read(files.path).table())
-        return
-    click.echo(f"{'qdylora:':<15}{data.get('qdylora_version')}")
+    click.echo(f"{'qdylora:':<15}{trained}")
     click.echo(f"{'lora_alpha:':<15}{peft_cfg.get('lora_alpha')}  rsLoRA: {bool(peft_cfg.get('use_rslora'))}")
     click.echo(f"{'targets:':<15}{peft_cfg.get('target_modules')}")
     click.echo(f"{'ranks:':<15}{config.r_min}..{config.r_max}" + (f" (only {config.ranks})" if config.ranks else ""))
     click.echo(f"{'read by:':<15}{config.default_method}" + ("" if config.lower_ranks_trained else
                " (only the full rank was trained: lower ranks are its SVD truncations)"))
-    for f in dataclasses.fields(config):  # every other QDyLoRA setting, as the config defines them
-        if f.name in ("r_min", "r_max", "ranks"):
-            continue
-        click.echo(f"{f.name + ':':<15}{getattr(config, f.name)}")
-    if data.get("sweep"):
+    if data is not None:  # every other QDyLoRA setting, as the config defines them
+        for f in dataclasses.fields(config):
+            if f.name not in ("r_min", "r_max", "ranks"):
+                click.echo(f"{f.name + ':':<15}{getattr(config, f.name)}")
+    sweep = files.sweep()
+    if sweep is not None:
         click.echo("sweep:")
-        click.echo(SweepResult.from_dict(data["sweep"]).table())
+        click.echo(sweep.table())
     else:
         click.echo(f"{'sweep:':<15}not measured yet (qdylora sweep ADAPTER_DIR --data FILE)")

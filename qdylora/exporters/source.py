@@ -28,10 +28,9 @@ from typing import Any
 
 import torch
 
-from ..adapter_io import PEFT_PREFIX, WEIGHTS_NAME, LoraModule, check_adapter, default_method, read_safetensors
+from ..adapter_io import PEFT_PREFIX, WEIGHTS_NAME, LoraModule, check_adapter, read_safetensors, recorded_sweep, stored_config
 from ..errors import InputError
 from ..ranks import check_method, lora_scale, svd_truncate
-from ..sweep_result import SWEEP_JSON, SweepResult
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -99,7 +98,7 @@ class SourceAdapter:
     @property
     def default_method(self) -> str:
         """prefix for a QDyLoRA run, svd for an adapter trained at its full rank only."""
-        return default_method(self.qdylora, self.r_max)
+        return stored_config(self.qdylora, self.r_max).default_method
 
     @property
     def use_rslora(self) -> bool:
@@ -116,11 +115,8 @@ class SourceAdapter:
         return sorted(k for k in self.tensors if k not in known)
 
     def sweep(self):
-        """The rank sweep recorded in qdylora_config.json (a plain adapter's: its rank_sweep.json), or None."""
-        if self.qdylora is None:
-            return SweepResult.read(self.path) if (self.path / SWEEP_JSON).is_file() else None
-        data = self.qdylora.get("sweep")
-        return SweepResult.from_dict(data) if data else None
+        """The rank sweep recorded for this adapter (`adapter_io.recorded_sweep`), or None."""
+        return recorded_sweep(self.path, self.qdylora)
 
     def resolve(self, rank: int | str, method: str | None = None) -> tuple[int, str]:
         """Check a requested (rank, method); the method defaults to the adapter's (`default_method`).

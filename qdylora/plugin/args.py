@@ -18,6 +18,7 @@ This module needs pydantic only, so it imports without Axolotl.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any, Literal, Union
@@ -132,7 +133,7 @@ class _Checks(BaseModel):
             except InputError as exc:  # name the YAML key the message is about
                 message = str(exc)
                 for name, key in keys.items():
-                    if message.startswith(name) and not message[len(name):][:1].isalnum() and message[len(name):][:1] != "_":
+                    if re.match(rf"{name}\b", message):  # the field's whole name, not a prefix of another
                         message = key + message[len(name):]
                         break
                 raise ValueError(f"qdylora_* settings: {message}") from exc
