@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ExportSettings, QDyLoraConfig, SampleSettings, SweepSettings, check_keys, export_problem
+from .config import (
+    ExportSettings, QDyLoraConfig, SampleSettings, SweepSettings, check_keys, describe, export_problem,
+)
 from .data import DataSpec
 from .distributed import accumulation_for, check_training_engine, world_size
 from .errors import InputError, first_line, is_int
@@ -241,9 +243,6 @@ def _checked_training(raw: dict[str, Any]) -> dict[str, Any]:
     return {key: _typed(f"training.{key}", value, hints.get(key)) for key, value in raw.items()}
 
 
-_NUMBERS = {bool: "true or false", int: "an integer", float: "a number"}
-
-
 def _typed(what: str, value: Any, hint: Any) -> Any:
     """Check a number/bool setting against its annotation (TrainingArguments only checks some).
 
@@ -253,7 +252,7 @@ def _typed(what: str, value: Any, hint: Any) -> Any:
     if hint is None:
         return value
     kinds = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    if not set(kinds) <= {*_NUMBERS, type(None)}:
+    if not set(kinds) <= {bool, int, float, type(None)}:
         return value
     if value is None and type(None) in kinds:
         return value
@@ -271,5 +270,4 @@ def _typed(what: str, value: Any, hint: Any) -> Any:
                     return kind(value)
                 except ValueError:
                     pass
-    allowed = " or ".join(_NUMBERS[k] for k in kinds if k in _NUMBERS)
-    raise InputError(f"{what} must be {allowed}, got {value!r}")
+    raise InputError(f"{what} must be {describe(hint)}, got {value!r}")
