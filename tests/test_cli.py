@@ -85,6 +85,11 @@ def test_sweep_both_methods_then_export_recommended(trained, arithmetic_data, tm
     assert res.exit_code == 0, res.output
     info = json.loads((tmp_path / "e" / "qdylora_export.json").read_text())
     assert (info["rank"], info["method"]) == pick
+    # --ranks takes 'recommended' beside numbers and ranges, as the API and the plugin do
+    res = CliRunner().invoke(main, ["export", "adapter", str(src), "--ranks", "1-2,recommended",
+                                    "--out", str(tmp_path / "many")])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == sorted({"rank-1", "rank-2", f"rank-{pick[0]}"})
 
 
 def test_train_sweeps_both_methods_and_refuses_a_bad_one_first(tiny_llama, arithmetic_data, tmp_path):
