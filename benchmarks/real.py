@@ -79,9 +79,9 @@ CALIBRATION = 128  # training examples whose layer inputs give the activation-aw
 
 TASKS: dict[str, dict[str, Any]] = {
     "demo": {"r_max": 16, "ranks": [1, 2, 4, 8, 16], "steps": 50, "batch": 8, "lr": 1e-3, "max_length": 96,
-             "optim": None, "eval_batch": 16},
+             "optim": None, "eval_batch": 16, "splits": ["val", "test"]},
     "gsm8k": {"r_max": 64, "ranks": [1, 4, 16, 64], "steps": 100, "batch": 4, "lr": 5e-4, "max_length": 192,
-              "optim": "adamw_torch", "eval_batch": 8},
+              "optim": "adamw_torch", "eval_batch": 8, "splits": ["val", "test", "transfer"]},
 }
 RECIPES: dict[str, dict[str, Any]] = {
     "paper": dict(PRESETS["paper"]),
@@ -122,8 +122,11 @@ def load_task(task: str, tokenizer: Any) -> dict[str, Any]:
             with open(GSM8K_DIR / name) as f:
                 rows = [json.loads(line) for line in f if line.strip()]
             return [{"question": r["question"], "answer": r["answer"]} for r in rows[start:start + size]]
+        demo = demo_problems()
         probs = {"train": read("train.jsonl", 0, 400), "val": read("train.jsonl", 400, 64),
-                 "test": read("test.jsonl", 0, 64)}
+                 "test": read("test.jsonl", 0, 64),
+                 # transfer: a math task the GSM8K adapters never saw, in the same "#### N" answer format
+                 "transfer": demo["val"] + demo["test"]}
     import datasets
 
     def as_ds(ps):
@@ -191,12 +194,12 @@ def run_one(task: str, run: str, seed: int, ctx: dict[str, Any]) -> dict[str, An
     else:
         methods, ranks, roots = ["prefix"], [r], None
     for method in methods:
-        res: dict[str, dict[str, float]] = {"val": {}, "test": {}}
+        res: dict[str, dict[str, float]] = {split: {} for split in cfg["splits"]}
         for b in ranks:
             if b == r and method != "prefix" and "prefix" in out["readouts"]:
                 # at b = r_max svd/asvd keep the whole delta (the same adapter up to float rounding,
                 # 1e-6 relative): reuse the prefix numbers instead of two more evaluation passes
-                for split in ("val", "test"):
+                for split in cfg["splits"]:
                     res[split][str(b)] = out["readouts"]["prefix"][split][str(b)]
                 continue
             if method == "asvd":
@@ -206,7 +209,7 @@ def run_one(task: str, run: str, seed: int, ctx: dict[str, Any]) -> dict[str, An
             else:
                 scope = rank_scope(model, b)
             with scope:
-                for split in ("val", "test"):
+                for split in cfg["splits"]:
                     res[split][str(b)] = answer_loss(model, ctx["data"][split], ctx["collate"], cfg["eval_batch"])
         out["readouts"][method] = res
         print(f"[{task} {run} s{seed}] {method} val: " + "  ".join(f"r{b} {v:.4f}" for b, v in res["val"].items()),
@@ -226,13 +229,13 @@ def main_run(args: argparse.Namespace) -> None:
     ctx = {"model": model, "collate": collator(tokenizer), "data": load_task(args.task, tokenizer)}
     out_dir = RUNS / args.task
     out_dir.mkdir(parents=True, exist_ok=True)
-    machine = (f"{platform.machine()}, {os.cpu_count()} CPUs (shared with another engineer's jobs), "
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPUs (shared), "
                f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     zs = out_dir / "zero-shot.json"
     if not zs.is_file():
         m = load_model(model, prepare_for_training=False)
         write_json_atomic(zs, {s: answer_loss(m, ctx["data"][s], ctx["collate"], TASKS[args.task]["eval_batch"])
-                               for s in ("val", "test")} | {"machine": machine})
+                               for s in TASKS[args.task]["splits"]} | {"machine": machine})
         del m
     for seed in [int(s) for s in args.seeds.split(",")]:
         for run in args.runs:
@@ -278,12 +281,12 @@ def arm_values(task: str, runs: dict[str, dict[int, dict[str, Any]]], arm: str, 
         for b in cfg["ranks"]:
             name = "plain" if b == cfg["r_max"] else f"lora-r{b}"
             for seed, r in runs.get(name, {}).items():
-                v = r["readouts"]["prefix"][split].get(str(b))
+                v = r["readouts"]["prefix"].get(split, {}).get(str(b))
                 if v is not None:
                     out.setdefault(seed, {})[str(b)] = v
         return out
     for seed, r in runs.get(run, {}).items():
-        if method in r["readouts"]:
+        if split in r["readouts"].get(method, {}):
             out[seed] = dict(r["readouts"][method][split])
     return out
 
@@ -293,11 +296,12 @@ def summarise(task: str) -> dict[str, Any]:
     cfg = TASKS[task]
     arms: dict[str, Any] = {}
     for arm in ARMS:
-        per = {s: arm_values(task, runs, arm, s) for s in ("val", "test")}
+        per = {s: arm_values(task, runs, arm, s) for s in cfg["splits"]}
         if not per["val"]:
             continue
         entry: dict[str, Any] = {"one_run": arm != "dedicated", "seeds": sorted(per["val"])}
-        for split, key in (("val", "ranks"), ("test", "test")):
+        for split in cfg["splits"]:
+            key = SPLIT_KEY.get(split, split)
             entry[key] = {}
             entry[key + "_half_spread"] = {}
             for b in cfg["ranks"]:
@@ -307,7 +311,7 @@ def summarise(task: str) -> dict[str, Any]:
                     entry[key + "_half_spread"][str(b)] = (max(vals) - min(vals)) / 2
             entry[key + "_seeds_per_rank"] = {str(b): sorted(s for s, v in per[split].items() if str(b) in v)
                                               for b in cfg["ranks"]}
-        entry["per_seed"] = {split: {str(s): v for s, v in per[split].items()} for split in ("val", "test")}
+        entry["per_seed"] = {split: {str(s): v for s, v in per[split].items()} for split in cfg["splits"]}
         if len(entry["ranks"]) == len(cfg["ranks"]):
             entry["aurac_val"] = aurac({int(b): v for b, v in entry["ranks"].items()})
         arms[arm] = entry
@@ -324,10 +328,13 @@ def summarise(task: str) -> dict[str, Any]:
                                                               "readout_cpu_seconds") if k in r}
               | ({"reused": r["reused"]} if "reused" in r else {})
               for run, by in runs.items() for seed, r in sorted(by.items())}
-    return {"task": task, "settings": cfg, "ranks": cfg["ranks"], "metric": "mean NLL per answer token, val (test under 'test')",
+    return {"task": task, "settings": cfg, "ranks": cfg["ranks"], "metric": "mean NLL per answer token, val under 'ranks' (test and transfer under their names)",
             "zero_shot": zero, "arms": arms, "best_one_run": best, "best_one_run_rule":
             "lowest val AURAC (mean loss over log2 ranks) among one-run arms measured at every rank on the most seeds",
             "runs": timing}
+
+
+SPLIT_KEY = {"val": "ranks"}  # the results file keeps val under "ranks" (planted.json's key); other splits by name
 
 
 def fmt(entry: dict[str, Any], key: str, b: int) -> str:
@@ -355,17 +362,17 @@ def table(data: dict[str, Any], key: str, arms: list[str] | None = None) -> list
     return lines
 
 
-def ratio_table(data: dict[str, Any], ref: str) -> list[str]:
+def ratio_table(data: dict[str, Any], ref: str, split: str = "val") -> list[str]:
     """Each arm / ref at each rank, per seed (only seeds both measured), shown as min-max over seeds."""
     ranks = data["ranks"]
     if ref not in data["arms"]:
         return [f"({ref} not run)"]
-    refv = data["arms"][ref]["per_seed"]["val"]
+    refv = data["arms"][ref]["per_seed"].get(split, {})
     lines = ["| arm | " + " | ".join(f"r{b}" for b in ranks) + " |", "|---" * (len(ranks) + 1) + "|"]
     for a, e in data["arms"].items():
         cells = []
         for b in ranks:
-            rs = [v[str(b)] / refv[s][str(b)] for s, v in e["per_seed"]["val"].items()
+            rs = [v[str(b)] / refv[s][str(b)] for s, v in e["per_seed"].get(split, {}).items()
                   if s in refv and str(b) in v and str(b) in refv[s]]
             cells.append("" if not rs else (f"{rs[0]:.3f}" if len(rs) == 1 else f"{min(rs):.3f}-{max(rs):.3f}"))
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
@@ -422,9 +429,17 @@ def main_report(args: argparse.Namespace) -> None:
         md += ["Ratio to `lora_rmax_svd`, per seed (min-max over the seeds both measured):", ""]
         md += ratio_table(data, "lora_rmax_svd") + [""]
         md += ["Ratio to `dedicated`, per seed:", ""] + ratio_table(data, "dedicated") + [""]
+        if "transfer" in s["splits"]:
+            md += ["### Transfer: the same adapters on a math task they never saw", "",
+                   "The demo's 96 held-out generated arithmetic problems (same `#### N` answer format), "
+                   f"answer loss. Zero-shot {data['zero_shot'].get('transfer', float('nan')):.4f}."
+                   if data["zero_shot"] else "", ""]
+            md += table(data, "transfer") + ["", "Transfer ratio to `lora_rmax_svd`, per seed:", ""]
+            md += ratio_table(data, "lora_rmax_svd", "transfer") + ["", "Transfer ratio to `dedicated`, per seed:", ""]
+            md += ratio_table(data, "dedicated", "transfer") + [""]
         md += [f"Best one-run arm by val AURAC: **{data['best_one_run']}** ({data['best_one_run_rule']}).", ""]
-        md += ["Per-run time (wall / CPU seconds of the one process; 2 CPU cores shared with another engineer's "
-               "test runs, one torch thread):", "", "| run | train wall | train CPU | readouts wall | readouts CPU |",
+        md += ["Per-run time (wall / CPU seconds of the one process, one torch thread, on 2 shared CPU cores; "
+               "what ran beside each run is said in the findings):", "", "| run | train wall | train CPU | readouts wall | readouts CPU |",
                "|---|---|---|---|---|"]
         for run, t in data["runs"].items():
             md.append(f"| {run} | {t.get('train_seconds', '')} | {t.get('train_cpu_seconds', '')} | "

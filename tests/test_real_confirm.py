@@ -82,3 +82,33 @@ def test_asvd_beats_svd_on_its_own_calibration_inputs():
     svd = sb.double() @ sa.double()
     err = lambda d: float(((x @ (delta - d).T) ** 2).mean())  # noqa: E731
     assert err(asvd) < err(svd)
+
+
+def test_report_reads_transfer_split_and_reused_runs_without_it(tmp_path, monkeypatch):
+    """GSM8K runs carry a 'transfer' split; quality.py's reused dedicated runs do not: the summary keeps
+    each split's numbers apart and the ratio tables compare only what both sides measured."""
+    import json
+
+    monkeypatch.setattr(real, "RUNS", tmp_path / "real")
+    monkeypatch.setattr(real, "RESULTS", tmp_path)
+    monkeypatch.setattr(real, "ROOT", tmp_path)
+    (tmp_path / "real" / "gsm8k").mkdir(parents=True)
+    (tmp_path / "quality" / "runs").mkdir(parents=True)
+    ranks = real.TASKS["gsm8k"]["ranks"]
+    split = lambda base: {str(b): base / b for b in ranks}  # noqa: E731
+    plain = {"run": "plain", "seed": 0, "r": 64, "readouts": {
+        "prefix": {"val": split(1.0), "test": split(1.1), "transfer": split(2.0)},
+        "svd": {"val": split(0.5), "test": split(0.6), "transfer": split(4.0)}}}
+    (tmp_path / "real" / "gsm8k" / "plain-s0.json").write_text(json.dumps(plain))
+    (tmp_path / "quality" / "runs" / "qlora-r1-s0.json").write_text(json.dumps(
+        {"spec": {"qlora": 1}, "steps": 100, "lr": 5e-4, "seed": 0, "train_seconds": 1.0,
+         "train_cpu_seconds": 1.0, "val": {"1": 0.25}, "test": {"1": 0.3}}))
+    data = real.summarise("gsm8k")
+    ded, svd = data["arms"]["dedicated"], data["arms"]["lora_rmax_svd"]
+    assert ded["ranks"] == {"1": 0.25, "64": 1.0 / 64}  # reused r1 + the plain run at r_max
+    assert ded["transfer"] == {"64": 2.0 / 64}  # the reused run has no transfer number: none invented
+    assert svd["transfer"]["4"] == 1.0 and svd["ranks"]["4"] == 0.125
+    rows = {line.split(" | ")[0]: line for line in real.ratio_table(data, "lora_rmax_svd", "transfer")}
+    assert rows["| lora_rmax_prefix"].split(" | ")[1:] == ["0.500", "0.500", "0.500", "0.500 |"]
+    rows = {line.split(" | ")[0]: line for line in real.ratio_table(data, "dedicated", "transfer")}
+    assert rows["| lora_rmax_svd"].split(" | ")[1:] == ["", "", "", "2.000 |"]  # only r64 measured by both
