@@ -227,7 +227,7 @@ def _pattern_value(pattern: dict[str, Any], name: str, default: Any) -> Any:
 
 
 def check_adapter(adapter_dir: str | os.PathLike, *, force: bool = False,
-                  methods: Sequence[str] | None = None) -> AdapterFiles:
+                  methods: Sequence[str] | None = None, measuring: bool = False) -> AdapterFiles:
     """Read and check an adapter folder (see the module docstring).
 
     Args:
@@ -235,12 +235,16 @@ def check_adapter(adapter_dir: str | os.PathLike, *, force: bool = False,
         force: Accept "prefix" among `methods` for an adapter trained at its full rank only.
         methods: The truncation methods the caller will use (None: the adapter's default).
             A plain LoRA adapter (no qdylora_config.json, or preset plain) was only ever
-            trained at its full rank, so its prefix cut is not meaningful while its SVD
-            truncation is: "prefix" is refused for it unless `force`.
+            trained at its full rank, so its SVD truncation is the safe reading and its
+            prefix cut an unmeasured one: far worse on some tasks (benchmarks/planted.py),
+            as good or better on others (GSM8K, benchmarks/results/real.md). "prefix" is
+            refused for it unless `force`, the caller is `measuring` it (a rank sweep), or
+            its recorded sweep measured prefix.
+        measuring: The caller measures the methods (a rank sweep), so nothing unmeasured ships.
 
     Raises:
         InputError: for a folder that is not a complete, consistent PEFT LoRA adapter, for
-            DoRA, and (unless `force`) for "prefix" on an adapter trained at full rank only.
+            DoRA, and for an unmeasured "prefix" on an adapter trained at full rank only.
     """
     path = Path(adapter_dir)
     peft_config = read_adapter_config(path)
@@ -260,14 +264,16 @@ def check_adapter(adapter_dir: str | os.PathLike, *, force: bool = False,
     if any("lora_magnitude_vector" in k for k in shapes):
         raise InputError(f"{path / WEIGHTS_NAME} holds DoRA magnitude vectors; DoRA adapters have no rank-b cut")
     files = AdapterFiles(path, peft_config, qdylora, shapes, find_modules(path, peft_config, shapes))
-    if "prefix" in (methods or ()) and not force and files.default_method != "prefix":
-        why = (f"{path} has no {CONFIG_NAME}: it was not trained with qdylora" if qdylora is None
-               else f"{path} was trained at its full rank only (ranks {files.config.ranks})")
-        raise InputError(
-            f"{why}, and the prefix cut of a plain LoRA adapter is not meaningful (only its full rank was ever "
-            "trained); use --method svd (the best rank-b approximation, the default here), or pass --force "
-            "(force=True) to cut it anyway"
-        )
+    if "prefix" in (methods or ()) and not (force or measuring) and files.default_method != "prefix":
+        sweep = files.sweep()
+        if sweep is None or "prefix" not in sweep.methods:
+            why = (f"{path} has no {CONFIG_NAME}: it was not trained with qdylora" if qdylora is None
+                   else f"{path} was trained at its full rank only (ranks {files.config.ranks})")
+            raise InputError(
+                f"{why}, so its prefix cut was never measured (it can be far worse than svd, or better); "
+                f"measure both with `qdylora sweep {path} --data EVAL --method prefix,svd`, use --method svd "
+                "(the best rank-b approximation, the default here), or pass --force (force=True) to cut it anyway"
+            )
     if qdylora is not None:
         stored = qdylora["config"].get("r_max")
         if stored is not None and int(stored) != files.r_max:

@@ -441,7 +441,7 @@ def read_config_file(directory: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(
             f"{directory} has no {CONFIG_NAME}: it was not trained with qdylora "
-            "(a plain LoRA adapter has no meaningful lower ranks)"
+            "(a plain LoRA adapter's lower ranks are read by svd)"
         )
     data = read_json_file(path, "qdylora config")
     if not isinstance(data, dict) or "config" not in data:

@@ -237,7 +237,8 @@ def sweep_adapter(
 
     Writes rank_sweep.json and rank_sweep.png into `out_dir` (default: the adapter folder)
     and records the result in the adapter's qdylora_config.json. A plain LoRA adapter (not
-    trained with qdylora) can be swept with `methods=["svd"]` only; its record is the
+    trained with qdylora) is swept with svd unless told otherwise (`methods=["prefix", "svd"]`
+    measures its prefix cut too, which exports then accept); its record is the
     rank_sweep.json (it is given no qdylora_config.json, which would claim how it was trained). `sample_prompts` are
     answered at every rank, written with the data's template and no chat template (as
     the evaluation examples are) unless `sample_kwargs` says otherwise.
@@ -250,7 +251,7 @@ def sweep_adapter(
     from .trainer_ext import QDyLoraTrainer
 
     # the cheap checks first: adapter files, ranks, data, output folder; then the slow model load
-    files = check_adapter(adapter_dir, methods=methods)  # a plain LoRA adapter: no prefix
+    files = check_adapter(adapter_dir, methods=methods, measuring=True)  # measured here: prefix allowed
     methods = check_methods(methods or [files.default_method])
     ranks = list(ranks) if ranks is not None else files.config.sweep_ranks
     files.config.check_ranks(ranks)

@@ -157,10 +157,8 @@ def test_plain_adapter_sweep_generate_and_export_recommended_with_svd(export_bas
 
     src = _plain(export_base, tmp_path / "plain")
     data = write_arithmetic_jsonl(tmp_path / "eval.jsonl", 8, seed=1)
-    res = cli("sweep", src, "--data", data, "--ranks", "1,4", "--method", "prefix", "--max-length", 32, "--no-4bit")
-    assert res.exit_code == 2 and "--method svd" in res.stderr  # prefix: refused before loading
     res = cli("generate", src, "--ranks", "3", "--method", "prefix", "--prompt", "1 plus 2", "--no-4bit")
-    assert res.exit_code == 2 and "--method svd" in res.stderr
+    assert res.exit_code == 2 and "--method svd" in res.stderr  # an unmeasured prefix: refused before loading
     res = cli("sweep", src, "--data", data, "--ranks", "1,4,8", "--max-length", 32, "--no-4bit")  # svd: its default
     assert res.exit_code == 0, res.output
     assert not (src / "qdylora_config.json").exists()
@@ -184,6 +182,36 @@ def test_plain_adapter_sweep_generate_and_export_recommended_with_svd(export_bas
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
     assert answer and answer == tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_plain_adapter_prefix_is_measured_by_sweep_then_exported(export_base, tmp_path):
+    """The prefix cut of a plain adapter is refused while unmeasured (export names the sweep that
+    measures it); a sweep may measure it without --force, and after that sweep an export or
+    generate with --method prefix is accepted and is the same slice --force writes."""
+    from qdylora.testing import write_arithmetic_jsonl
+
+    src = _plain(export_base, tmp_path / "plain")
+    data = write_arithmetic_jsonl(tmp_path / "eval.jsonl", 8, seed=1)
+    res = cli("export", "adapter", src, "--rank", 3, "--method", "prefix", "--out", tmp_path / "p3")
+    assert res.exit_code == 2 and "--method prefix,svd" in res.stderr and not (tmp_path / "p3").exists()
+    res = cli("sweep", src, "--data", data, "--ranks", "1,4,8", "--method", "prefix,svd", "--max-length", 32,
+              "--no-4bit")
+    assert res.exit_code == 0, res.output
+    sweep = json.loads((src / "rank_sweep.json").read_text())
+    assert list(sweep["methods"]) == ["prefix", "svd"] and sorted(sweep["methods"]["prefix"]) == ["1", "4", "8"]
+    assert sweep["methods"]["prefix"]["1"] != sweep["methods"]["svd"]["1"]  # two readings, measured apart
+    assert not (src / "qdylora_config.json").exists()
+    res = cli("export", "adapter", src, "--rank", 3, "--method", "prefix", "--out", tmp_path / "p3")
+    assert res.exit_code == 0 and "(prefix)" in res.output, res.output
+    res = cli("export", "adapter", src, "--rank", 3, "--method", "prefix", "--force", "--out", tmp_path / "f3")
+    assert res.exit_code == 0, res.output
+    got, want = weights(tmp_path / "p3"), weights(tmp_path / "f3")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    w0 = weights(src)
+    assert all(torch.equal(got[k], w0[k][:3] if "lora_A" in k else w0[k][:, :3]) for k in got)  # the slice
+    res = cli("generate", src, "--ranks", "3", "--method", "prefix", "--prompt", "1 plus 2", "--raw", "--no-4bit",
+              "--max-new-tokens", 4)
+    assert res.exit_code == 0, res.output
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])

@@ -84,9 +84,9 @@ class SourceAdapter:
         """Read and check an adapter folder.
 
         Raises `InputError` for a folder that is not a complete PEFT LoRA adapter, for
-        unreadable weights, for DoRA, and (unless `force`, or `method="svd"`) for an
-        adapter with no qdylora_config.json: a plain LoRA adapter was only ever trained at
-        its full rank, so its prefix cut is not meaningful, while its SVD truncation is.
+        unreadable weights, for DoRA, and for an unmeasured prefix cut of an adapter trained
+        at its full rank only (`check_adapter`: allowed with `force` or after a sweep that
+        measured prefix; svd needs neither).
         """
         if method is not None:
             check_method(method)
