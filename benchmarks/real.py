@@ -9,7 +9,8 @@ Two tasks, both SmolLM2-135M-Instruct on an NF4 + double-quant base, LoRA on all
          problems: val = the first 48 (exactly the demo's own held-out set), test = the next 48.
 - gsm8k: benchmarks/quality.py's setting (100 steps of batch 4 on the first 400 train
          problems, LR 5e-4, max length 192, r_max 64, ranks 1, 4, 16, 64); val = train problems
-         400..463, test = the first 64 test problems.
+         400..463, test = the first 64 test problems, transfer = the demo's 96 held-out generated
+         problems (a math task the GSM8K adapters never saw, same `#### N` answer format).
 
 Training runs (one JSON per run and seed; all readouts of one run come from that one run):
 - `lora-rB`: a dedicated plain QLoRA run at r = B (the limit; the r_max one is `plain`);
@@ -27,7 +28,7 @@ Same seed => same LoRA init, data order and (for QDyLoRA) rank draws in every ar
 Metric: mean NLL per answer token (token-weighted), `paper_table.answer_loss`.
 
     OMP_NUM_THREADS=1 python benchmarks/real.py run demo plain paper lw_anchor lora-r1 --seeds 0,1
-    OMP_NUM_THREADS=1 python benchmarks/real.py run gsm8k plain paper lw_anchor --seeds 0
+    OMP_NUM_THREADS=1 python benchmarks/real.py run gsm8k plain paper lora-r1 --seeds 0   # + transfer split
     python benchmarks/real.py report          # -> results/real_{demo,gsm8k}.json, real.md, real.png
 
 Cost on the project's 2 shared CPU cores, one thread, `nice -n 5` (measured 2026-12-01 with another
@@ -35,7 +36,9 @@ engineer's jobs on the other core; each run's own numbers are in real.md): a dem
 355-385 s CPU (370-440 s wall), lw_anchor 706 s (2.0x: two ranks per step); one evaluation pass
 over 48 problems costs about 20-25 s, so the plain r16 run's readouts (prefix + svd + asvd, 5 ranks,
 val + test, plus the calibration pass) take about 15 min, paper's (prefix + svd) about 6 min, a
-dedicated run's about 1 min. A GSM8K run is about 15-20 min of training plus its readouts (not run yet).
+dedicated run's about 1 min. A GSM8K run trains in 460-530 s CPU alone (quality.py's runs) and
+1080-1290 s CPU beside another GSM8K run; its readouts cost about 4 min per rank (val + test +
+transfer), so plain r64 with prefix + svd + asvd is about 45 min of readouts beside another job.
 Results: benchmarks/results/real/<task>/
 <run>-s<seed>.json (written atomically, existing ones skipped unless --force); adapters in
 ~/.cache/qdylora/real/<task>/<run>-s<seed>/ (not committed) so readouts can be recomputed.
@@ -469,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--force", action="store_true")
     run.add_argument("--model", default=None)
     rep = sub.add_parser("report")
-    rep.add_argument("--chosen", default="dedicated,lora_rmax_svd,lora_rmax_asvd,paper")
+    rep.add_argument("--chosen", default="dedicated,lora_rmax_prefix,lora_rmax_svd,lora_rmax_asvd,paper")
     args = p.parse_args(argv)
     if args.command == "run":
         for r in args.runs:
