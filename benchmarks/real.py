@@ -86,6 +86,9 @@ TASKS: dict[str, dict[str, Any]] = {
     "gsm8k": {"r_max": 64, "ranks": [1, 4, 16, 64], "steps": 100, "batch": 4, "lr": 5e-4, "max_length": 192,
               "optim": "adamw_torch", "eval_batch": 8, "splits": ["val", "test", "transfer"]},
 }
+SPLIT_KEY = {"val": "ranks"}  # the results file keeps val under "ranks" (planted.json's key); other splits by name
+
+
 RECIPES: dict[str, dict[str, Any]] = {
     "paper": dict(PRESETS["paper"]),
     "lw_anchor": {"loss_weight": "inverse_scale", "anchor_ranks": ["r_max"]},  # = quality.py's lw-anchor
@@ -335,9 +338,6 @@ def summarise(task: str) -> dict[str, Any]:
             "zero_shot": zero, "arms": arms, "best_one_run": best, "best_one_run_rule":
             "lowest val AURAC (mean loss over log2 ranks) among one-run arms measured at every rank on the most seeds",
             "runs": timing}
-
-
-SPLIT_KEY = {"val": "ranks"}  # the results file keeps val under "ranks" (planted.json's key); other splits by name
 
 
 def fmt(entry: dict[str, Any], key: str, b: int) -> str:

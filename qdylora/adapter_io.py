@@ -10,7 +10,8 @@ becomes one `InputError` naming the file and the fix, before any model is loaded
 It also holds how an adapter's config is read (`stored_config`), and so how its lower ranks
 are read when nobody says (`QDyLoraConfig.default_method`): prefix for a QDyLoRA run, svd for
 an adapter whose lower ranks were never trained (a plain LoRA adapter with no
-qdylora_config.json, or `preset("plain")`), where a prefix cut needs `force`.
+qdylora_config.json, or `preset("plain")`), where a prefix cut needs `force` or a recorded
+sweep that measured it (`check_adapter`).
 """
 
 from __future__ import annotations
