@@ -45,6 +45,10 @@ Arms (keys of results/planted.json):
 - X+svd: every training recipe X cut by SVD of its r_max delta instead of slicing;
 - X+asvd, lora_rmax_asvd (own idea): activation-aware SVD, each layer's rank-b delta minimises
   the error on its inputs (covariance from 128 training sequences), `whitened_truncate`;
+- X+fsvd, lora_rmax_fsvd (own idea): Fisher-aware SVD, the same with the output side weighted
+  too: the rank-b delta minimises E||G^(1/2) (D - D_b) x||^2, G the covariance of the layer's
+  output gradients under labels sampled from the model itself (`output_fishers`, the same 128
+  sequences): K-FAC's Kronecker-factored Fisher, i.e. a second-order model of the loss increase;
 - the oracle row (not an arm): the top-b SVD of the planted delta itself, no training.
 
     OMP_NUM_THREADS=1 python benchmarks/planted.py run --seeds 0,1,2      # all arms
@@ -85,7 +89,7 @@ from qdylora.sweep_result import aurac  # noqa: E402,F401  (the sweep's AURAC, o
 from qdylora.trainer_ext.trainer import QDyLoraMixin  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-EXTRAS = ["planted.fp32.json", "planted.asvd.json", "planted.600steps.json"]  # the report's sections after the main one, in this order
+EXTRAS = ["planted.fp32.json", "planted.asvd.json", "planted.fsvd.json", "planted.600steps.json"]  # the report's sections after the main one, in this order
 ALPHA = 16
 
 # The training recipes. paper and balanced are QDyLoraConfig presets; lw_anchor is issue 8's
@@ -114,8 +118,8 @@ def recipes() -> dict[str, dict[str, Any]]:
 
 
 TRAINED = ["paper", "balanced", "lw_anchor", "matryoshka", "const_scale", "lw_anchor_both"]
-ARM_ORDER = ["dedicated", "lora_rmax_prefix", "lora_rmax_svd", "lora_rmax_asvd"] + \
-    [f"{n}{cut}" for n in TRAINED for cut in ("", "+svd", "+asvd")]
+ARM_ORDER = ["dedicated", "lora_rmax_prefix", "lora_rmax_svd", "lora_rmax_asvd", "lora_rmax_fsvd"] + \
+    [f"{n}{cut}" for n in TRAINED for cut in ("", "+svd", "+asvd", "+fsvd")]
 
 
 # -- the metric ------------------------------------------------------------------------------
@@ -327,17 +331,29 @@ def whitening(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def whitened_truncate(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, rank: int, out_scale: float,
                       cov: torch.Tensor | None = None, *,
-                      roots: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      roots: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      out_roots: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Activation-aware rank-`rank` pair: minimises E||(D - D_b) x||^2 for inputs x with E[x x^T] = cov.
 
     With C^(1/2) the symmetric root of cov (`whitening`), the optimum is
     D_b = top-b SVD(D C^(1/2)) C^(-1/2): `svd_truncate` of (A C^(1/2), B), then
     A' = A'' C^(-1/2). cov = identity gives exactly `svd_truncate`. `roots`: `whitening(cov)`
     computed once, for callers that truncate one layer at several ranks.
+
+    `out_roots` (`whitening(G)` of the layer's output-gradient covariance G, `output_fishers`)
+    weights the output side too: D_b minimises E||G^(1/2) (D - D_b) x||^2, the Kronecker-factored
+    (K-FAC) Fisher approximation of the loss increase, so D_b = G^(-1/2) top-b SVD(G^(1/2) D C^(1/2))
+    C^(-1/2). G = identity gives the activation-aware pair above.
     """
     root, inv_root = roots if roots is not None else whitening(cov)
-    new_a, new_b = svd_truncate(lora_a.detach().double() @ root, lora_b, scale, rank, out_scale)
-    return (new_a.double() @ inv_root).to(lora_a.dtype).contiguous(), new_b.to(lora_b.dtype)
+    lora_b_w = lora_b.detach().double()
+    if out_roots is not None:
+        lora_b_w = out_roots[0] @ lora_b_w
+    new_a, new_b = svd_truncate(lora_a.detach().double() @ root, lora_b_w, scale, rank, out_scale)
+    new_b = new_b.double()
+    if out_roots is not None:
+        new_b = out_roots[1] @ new_b
+    return (new_a.double() @ inv_root).to(lora_a.dtype).contiguous(), new_b.to(lora_b.dtype).contiguous()
 
 
 @torch.no_grad()
@@ -351,39 +367,103 @@ def batch_covariances(model: torch.nn.Module, batches: Any) -> dict[str, torch.T
     """E[x x^T] of each LoRA layer's input over `batches` (dicts of input_ids and, for padded
     batches, attention_mask: then only the non-pad tokens count), the model at full rank."""
     dr = DynamicRank.of(model)
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    keep: dict[str, torch.Tensor | None] = {"mask": None}
-    handles = []
-    for name, layer in lora_layers(dr.model, dr.adapter_name):
-        def pre(m, inputs, name=name):
-            x = inputs[0].detach()
-            mask = keep["mask"]
-            x = x[mask].double() if mask is not None and x.dim() == 3 else x.flatten(0, -2).double()
-            sums[name] = sums.get(name, 0) + x.T @ x
-            counts[name] = counts.get(name, 0) + len(x)
-        handles.append(layer.register_forward_pre_hook(pre))
+    moments = _Moments()
+    handles = [layer.register_forward_pre_hook(lambda m, inputs, name=name: moments.add(name, inputs[0]))
+               for name, layer in lora_layers(dr.model, dr.adapter_name)]
     try:
         model.eval()
         for b in batches:
-            mask = b.get("attention_mask")
-            keep["mask"] = mask.bool() if mask is not None else None
+            moments.set_mask(b.get("attention_mask"))
             model(**{k: b[k] for k in ("input_ids", "attention_mask") if k in b})
     finally:
         for h in handles:
             h.remove()
-    return {n: sums[n] / counts[n] for n in sums}
+    return moments.means()
+
+
+class _Moments:
+    """Running E[v v^T] per layer over the rows of v (tokens), only the non-pad ones once a mask is set."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.mask: torch.Tensor | None = None
+
+    def set_mask(self, attention_mask: torch.Tensor | None) -> None:
+        self.mask = attention_mask.bool() if attention_mask is not None else None
+
+    def add(self, name: str, v: torch.Tensor) -> None:
+        v = v.detach()
+        v = v[self.mask].double() if self.mask is not None and v.dim() == 3 else v.flatten(0, -2).double()
+        self.sums[name] = self.sums.get(name, 0) + v.T @ v
+        self.counts[name] = self.counts.get(name, 0) + len(v)
+
+    def means(self) -> dict[str, torch.Tensor]:
+        return {n: self.sums[n] / self.counts[n] for n in self.sums}
+
+
+def output_fishers(model: torch.nn.Module, batches: Any, seed: int = 0) -> dict[str, torch.Tensor]:
+    """E[g g^T] of each LoRA layer's OUTPUT gradient, g = d(-log p(y)) / d(output) with y SAMPLED from
+    the model's own next-token distribution (the true Fisher, not the empirical one: at a good fit the
+    training loss's own gradients are mostly noise), the model as it is (full rank).
+
+    `batches`: dicts of input_ids and optionally attention_mask (pad tokens' gradients are not counted)
+    and labels (then y is sampled only at the positions whose next-token label is not -100: the
+    tokens the metric scores). One sample per scored position, torch.Generator(seed): reproducible.
+    With `input_covariances` these are K-FAC's two Kronecker factors of each layer's Fisher.
+    """
+    dr = DynamicRank.of(model)
+    moments = _Moments()
+    handles = []
+    for name, layer in lora_layers(dr.model, dr.adapter_name):
+        def fwd(m, inputs, out, name=name):
+            if out.requires_grad:
+                out.register_hook(lambda g, name=name: moments.add(name, g))
+        handles.append(layer.register_forward_hook(fwd))
+    gen = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    frozen = [w for _, layer in lora_layers(dr.model, dr.adapter_name)
+              for w in (layer.lora_A[dr.adapter_name].weight,) if not w.requires_grad]
+    for w in frozen:  # a loaded (inference) adapter: the outputs need a graph to have gradients
+        w.requires_grad_(True)
+    try:
+        model.eval()
+        for b in batches:
+            mask = b.get("attention_mask")
+            moments.set_mask(mask)
+            logits = model(**{k: b[k] for k in ("input_ids", "attention_mask") if k in b}).logits.float()
+            scored = torch.ones(logits.shape[:2], dtype=torch.bool)
+            if b.get("labels") is not None:  # position t predicts label t+1
+                scored = torch.zeros_like(scored)
+                scored[:, :-1] = b["labels"][:, 1:] != -100
+            elif mask is not None:
+                scored = mask.bool()
+            logits = logits[scored]
+            with torch.no_grad():
+                y = torch.multinomial(F.softmax(logits, -1), 1, generator=gen).squeeze(-1)
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(logits, y, reduction="sum").backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for w in frozen:
+            w.requires_grad_(False)
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return moments.means()
 
 
 @contextlib.contextmanager
 def svd_at_rank(model: torch.nn.Module, b: int, covs: dict[str, torch.Tensor] | None = None, *,
-                roots: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
+                roots: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                out_roots: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
     """Run at rank b with each layer's delta replaced by its top-b SVD (exactly a rank-b PEFT adapter).
 
     The r_max delta is `scaling * B @ A` with PEFT's scaling at r_max; svd_truncate's A', B'
     go into the first b rows/columns and rank_scope(b) applies lora_scale(alpha, b) to them.
     With `covs` (layer name -> input covariance), or their `roots` (layer name -> `whitening`),
-    the activation-aware `whitened_truncate` is used.
+    the activation-aware `whitened_truncate` is used; with `out_roots` too (layer name -> `whitening`
+    of its `output_fishers`), the Fisher-aware one.
     """
     dr = DynamicRank.of(model)
     saved = []
@@ -393,7 +473,8 @@ def svd_at_rank(model: torch.nn.Module, b: int, covs: dict[str, torch.Tensor] | 
         scale = layer.scaling[dr.adapter_name]
         out_scale = lora_scale(layer.lora_alpha[dr.adapter_name], b, dr.use_rslora)
         if roots is not None:
-            new_a, new_b = whitened_truncate(a, bb, scale, b, out_scale, roots=roots[name])
+            new_a, new_b = whitened_truncate(a, bb, scale, b, out_scale, roots=roots[name],
+                                             out_roots=out_roots[name] if out_roots is not None else None)
         elif covs is not None:
             new_a, new_b = whitened_truncate(a, bb, scale, b, out_scale, covs[name])
         else:
@@ -462,22 +543,42 @@ def train(task: dict[str, Any], args: argparse.Namespace, seed: int, *, r: int, 
 CALIBRATION_SEQS = 128  # the first training sequences: activation-aware SVD never sees the held-out set
 
 
-def measure(model, task, ranks: list[int], *, svd: bool, hooks: RowScale | None, asvd: bool = False):
-    """{rank: excess}; svd / asvd: SVD (activation-aware) truncation of the r_max delta."""
+CUTS = ("svd", "asvd", "fsvd")  # the truncations of an r_max delta; "" (slicing) is the prefix
+
+
+def calibration_roots(model: torch.nn.Module, task: dict[str, Any], cut: str):
+    """(input roots, output roots) of each layer for `cut` on the first CALIBRATION_SEQS training
+    sequences: asvd needs the input covariances, fsvd also the output Fishers; svd neither."""
+    if cut not in ("asvd", "fsvd"):
+        return None, None
+    calib = task["train_ids"][:CALIBRATION_SEQS]
+    roots = {n: whitening(c) for n, c in input_covariances(model, calib).items()}
+    if cut == "asvd":
+        return roots, None
+    fishers = output_fishers(model, ({"input_ids": calib[i:i + 64]} for i in range(0, len(calib), 64)))
+    return roots, {n: whitening(g) for n, g in fishers.items()}
+
+
+def measure(model, task, ranks: list[int], *, hooks: RowScale | None, cut: str = "") -> dict[str, float]:
+    """{rank: excess}: the prefix (cut ""), or the r_max delta cut to each rank by `cut` in CUTS
+    (svd, activation-aware svd, Fisher-aware svd; the calibration is measured at full rank)."""
     out = {}
-    saved = hooks.fn if hooks is not None else None
-    covs = input_covariances(model, task["train_ids"][:CALIBRATION_SEQS]) if asvd else None
-    for b in ranks:
-        if svd or asvd:
-            if hooks is not None:
-                hooks.fn = None  # the r_max delta is scaling(r_max) * B A for every recipe here
-            with svd_at_rank(model, b, covs):
-                out[str(b)] = excess(model, task)
-            if hooks is not None:
-                hooks.fn = saved
-        else:
+    if not cut:
+        for b in ranks:
             with rank_scope(model, b):
                 out[str(b)] = excess(model, task)
+        return out
+    saved = hooks.fn if hooks is not None else None
+    if hooks is not None:
+        hooks.fn = None  # the r_max delta is scaling(r_max) * B A for every recipe here
+    try:
+        roots, out_roots = calibration_roots(model, task, cut)
+        for b in ranks:
+            with svd_at_rank(model, b, roots=roots, out_roots=out_roots):
+                out[str(b)] = excess(model, task)
+    finally:
+        if hooks is not None:
+            hooks.fn = saved
     return out
 
 
@@ -490,16 +591,13 @@ def run_seed(task: dict[str, Any], args: argparse.Namespace, seed: int, arms: li
     # the plain r_max run: dedicated at r_max, prefix and svd truncations; its CPU time is the unit
     model, cpu_plain, wall, _, loss = train(task, args, seed, r=r_max, recipe=None)
     print(f"{tag} plain r{r_max}: {cpu_plain:.1f}s CPU ({wall:.1f}s wall), train KL {loss:.5f}", flush=True)
-    res["lora_rmax_prefix"] = {"ranks": measure(model, task, ranks, svd=False, hooks=None), "cpu": cpu_plain}
-    c0 = time.process_time()
-    res["lora_rmax_svd"] = {"ranks": measure(model, task, ranks, svd=True, hooks=None)}
-    res["lora_rmax_svd"]["cpu"] = cpu_plain + _svd_cpu(model, ranks)
-    if "lora_rmax_asvd" in arms:
-        res["lora_rmax_asvd"] = {"ranks": measure(model, task, ranks, svd=False, asvd=True, hooks=None),
-                                 "cpu": cpu_plain + _svd_cpu(model, ranks, task)}
+    res["lora_rmax_prefix"] = {"ranks": measure(model, task, ranks, hooks=None), "cpu": cpu_plain}
+    for cut in CUTS:
+        if cut == "svd" or f"lora_rmax_{cut}" in arms:  # svd always: it is the bar
+            res[f"lora_rmax_{cut}"] = {"ranks": measure(model, task, ranks, hooks=None, cut=cut),
+                                       "cpu": cpu_plain + _svd_cpu(model, ranks, task, cut=cut)}
     del model
     gc.collect()
-    _ = c0
 
     if "dedicated" in arms:
         ded, cpu_total = {}, 0.0
@@ -517,16 +615,15 @@ def run_seed(task: dict[str, Any], args: argparse.Namespace, seed: int, arms: li
         res["dedicated"] = {"ranks": ded, "cpu": cpu_total}
 
     for name, recipe in recipes().items():
-        if not {name, f"{name}+svd", f"{name}+asvd"} & set(arms):
+        if not ({name} | {f"{name}+{cut}" for cut in CUTS}) & set(arms):
             continue
         model, cpu, wall, hooks, loss = train(task, args, seed, r=r_max, recipe=recipe)
         print(f"{tag} {name}: {cpu:.1f}s CPU ({wall:.1f}s wall), train KL {loss:.5f}", flush=True)
-        res[name] = {"ranks": measure(model, task, ranks, svd=False, hooks=hooks), "cpu": cpu}
-        res[f"{name}+svd"] = {"ranks": measure(model, task, ranks, svd=True, hooks=hooks),
-                              "cpu": cpu + _svd_cpu(model, ranks)}
-        if f"{name}+asvd" in arms:
-            res[f"{name}+asvd"] = {"ranks": measure(model, task, ranks, svd=False, asvd=True, hooks=hooks),
-                                   "cpu": cpu + _svd_cpu(model, ranks, task, hooks)}
+        res[name] = {"ranks": measure(model, task, ranks, hooks=hooks), "cpu": cpu}
+        for cut in CUTS:
+            if cut == "svd" or f"{name}+{cut}" in arms:
+                res[f"{name}+{cut}"] = {"ranks": measure(model, task, ranks, hooks=hooks, cut=cut),
+                                        "cpu": cpu + _svd_cpu(model, ranks, task, hooks, cut=cut)}
         del model
         gc.collect()
     for name, r in res.items():
@@ -536,24 +633,28 @@ def run_seed(task: dict[str, Any], args: argparse.Namespace, seed: int, arms: li
     return {"plain_cpu_seconds": cpu_plain, "arms": res}
 
 
-def _svd_cpu(model, ranks: list[int], task: dict[str, Any] | None = None, hooks: RowScale | None = None) -> float:
-    """CPU seconds of computing the SVD truncations (all ranks, all layers); with `task`, the
-    activation-aware ones, calibration forward passes included."""
+def _svd_cpu(model, ranks: list[int], task: dict[str, Any], hooks: RowScale | None = None, cut: str = "svd") -> float:
+    """CPU seconds of computing the `cut` truncations (all ranks, all layers), the calibration
+    passes of asvd / fsvd included (measured again here, not taken from `measure`'s timing,
+    which includes the evaluations)."""
     dr = DynamicRank.of(model)
     c0 = time.process_time()
     saved = hooks.fn if hooks is not None else None
     if hooks is not None:
         hooks.fn = None
-    covs = input_covariances(model, task["train_ids"][:CALIBRATION_SEQS]) if task is not None else None
-    if hooks is not None:
-        hooks.fn = saved
+    try:
+        roots, out_roots = calibration_roots(model, task, cut)
+    finally:
+        if hooks is not None:
+            hooks.fn = saved
     for name, layer in lora_layers(dr.model, dr.adapter_name):
         a, bb = layer.lora_A[dr.adapter_name].weight, layer.lora_B[dr.adapter_name].weight
         for b in ranks:
-            if covs is None:
+            if roots is None:
                 svd_truncate(a, bb, layer.scaling[dr.adapter_name], b, 1.0)
             else:
-                whitened_truncate(a, bb, layer.scaling[dr.adapter_name], b, 1.0, covs[name])
+                whitened_truncate(a, bb, layer.scaling[dr.adapter_name], b, 1.0, roots=roots[name],
+                                  out_roots=out_roots[name] if out_roots is not None else None)
     return time.process_time() - c0
 
 
@@ -782,11 +883,12 @@ def plot(data: dict[str, Any], png_path: Path) -> None:
         ys = [a["ranks"][str(b)] for b in ranks]
         if name == "dedicated":
             style = dict(color="black", linestyle="--", linewidth=2.5)
-        else:  # one colour per training run; slicing solid, +svd dotted, +asvd dash-dot
+        else:  # one colour per training run; slicing solid, +svd dotted, +asvd dash-dot, +fsvd dashed
             family = "lora_rmax" if name.startswith("lora_rmax") else name.split("+")[0]
-            cut = "svd" if name.endswith("svd") and not name.endswith("asvd") else "asvd" if name.endswith("asvd") else ""
-            style = dict(color=colors(families.index(family) % 10), marker="ox^"[["", "svd", "asvd"].index(cut)],
-                         markersize=4, linestyle={"": "-", "svd": ":", "asvd": "-."}[cut])
+            cut = name.split("+")[1] if "+" in name else name[len("lora_rmax_"):] if name.startswith("lora_rmax_") else ""
+            cut = "" if cut == "prefix" else cut
+            style = dict(color=colors(families.index(family) % 10), marker="oxs^"[["", "svd", "asvd", "fsvd"].index(cut)],
+                         markersize=4, linestyle={"": "-", "svd": ":", "asvd": "-.", "fsvd": (0, (5, 2))}[cut])
         ax.plot(ranks, ys, label=name, **style)
     ax.axhline(data["zero_shot_excess"], color="grey", linewidth=0.8, label="zero-shot")
     if data.get("oracle"):  # zero (to rounding) at ranks >= the planted rank: not drawn on a log axis

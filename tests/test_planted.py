@@ -144,6 +144,34 @@ def test_activation_aware_truncation_is_optimal_for_its_inputs():
     assert e_asvd < 0.9 * e_svd
 
 
+def test_fisher_aware_truncation_is_optimal_for_its_kronecker_norm():
+    """With output-gradient covariance G too, the rank-b delta minimises E||G^(1/2) (D - D_b) x||^2:
+    its error is the Eckart-Young tail of G^(1/2) D C^(1/2), below the activation-aware pair's;
+    G = identity gives the activation-aware pair."""
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(8, 20, generator=g), torch.randn(12, 8, generator=g)
+    scale, rank, out_scale = 0.7, 3, 2.0
+    delta = scale * (b.double() @ a.double())
+    x = torch.randn(500, 20, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 20, dtype=torch.float64)
+    gr = torch.randn(500, 12, generator=g, dtype=torch.float64) * torch.logspace(1, -1, 12, dtype=torch.float64)
+    cov, fisher = x.T @ x / len(x), gr.T @ gr / len(gr)
+    roots, out_roots = planted.whitening(cov), planted.whitening(fisher)
+    aa, ab = planted.whitened_truncate(a, b, scale, rank, out_scale, roots=roots)
+    ia, ib = planted.whitened_truncate(a, b, scale, rank, out_scale, roots=roots,
+                                       out_roots=planted.whitening(torch.eye(12, dtype=torch.float64)))
+    torch.testing.assert_close(ib @ ia, ab @ aa, rtol=1e-4, atol=1e-5)
+    fa, fb = planted.whitened_truncate(a, b, scale, rank, out_scale, roots=roots, out_roots=out_roots)
+    assert fa.shape == (rank, 20) and fb.shape == (12, rank)
+
+    def err(d_b):
+        return float((out_roots[0] @ (delta - d_b) @ roots[0]).square().sum())  # = E||G^1/2 (D - D_b) x||^2
+
+    e_f, e_a = err(out_scale * fb.double() @ fa.double()), err(out_scale * ab.double() @ aa.double())
+    tail = torch.linalg.svdvals(out_roots[0] @ delta @ roots[0])[rank:].square().sum()
+    assert e_f == pytest.approx(float(tail), rel=1e-3)
+    assert e_f < 0.9 * e_a
+
+
 def test_recipes_are_the_shared_ones_and_a_seed_reproduces(task):
     from qdylora.config import PRESETS
 
@@ -158,6 +186,6 @@ def test_recipes_are_the_shared_ones_and_a_seed_reproduces(task):
     runs = []
     for name, seed in (("lw_anchor", 0), ("lw_anchor", 0), ("lw_anchor", 1), ("matryoshka", 0)):
         model, cpu, wall, hooks, loss = planted.train(task, args, seed, r=8, recipe=rec[name])
-        runs.append(planted.measure(model, task, [1, 8], svd=False, hooks=hooks))
+        runs.append(planted.measure(model, task, [1, 8], hooks=hooks))
     assert runs[0] == runs[1]  # same seed, same numbers
     assert runs[0] != runs[2] and runs[0] != runs[3]

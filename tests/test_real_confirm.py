@@ -1,4 +1,4 @@
-"""benchmarks/real.py's own logic: covariances over non-pad tokens only, and its activation-aware SVD."""
+"""benchmarks/real.py's own logic: covariances and Fishers over non-pad / scored tokens only, its activation-aware SVD."""
 
 import sys
 from pathlib import Path
@@ -46,6 +46,47 @@ def test_covariances_ignore_padding(tmp_path):
         torch.testing.assert_close(padded[k], alone[k] / total, rtol=1e-5, atol=1e-6)  # float32 activations
 
 
+def test_output_fishers_are_sampled_label_gradients_at_scored_tokens(tmp_path):
+    """output_fishers = mean over non-pad tokens of g g^T, g the gradient at the layer's output of
+    the cross-entropy of labels sampled from the model at the positions whose next label is scored;
+    recomputed here with retain_grad on each layer's output, same generator; also on a frozen
+    (loaded-for-inference) adapter, whose weights are frozen again afterwards."""
+    import torch.nn.functional as F
+
+    from qdylora.ranks import DynamicRank, lora_layers
+
+    model = _model(tmp_path)
+    rows = [{"input_ids": [5, 6, 7, 8, 9, 10]}, {"input_ids": [11, 12, 13]}]
+    batch = _collate(rows)
+    batch["labels"] = torch.tensor([[-100, -100, -100, 8, 9, 10], [-100, 12, 13, -100, -100, -100]])
+    dr = DynamicRank.of(model)
+    layers = lora_layers(dr.model, dr.adapter_name)
+    for w in model.parameters():
+        w.requires_grad_(False)
+    got = real.output_fishers(model, [batch], seed=3)
+    assert not any(w.requires_grad for w in model.parameters())
+
+    outs = {}
+    handles = [layer.register_forward_hook(lambda m, i, o, n=n: (o.retain_grad(), outs.__setitem__(n, o))[1])
+               for n, layer in layers]
+    for _, layer in layers:
+        layer.lora_A[dr.adapter_name].weight.requires_grad_(True)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    scored = torch.zeros(logits.shape[:2], dtype=torch.bool)
+    scored[:, :-1] = batch["labels"][:, 1:] != -100
+    assert scored.sum() == 5  # row 0 predicts 8, 9, 10 from positions 2-4; row 1 predicts 12, 13
+    y = torch.multinomial(F.softmax(logits[scored], -1), 1, generator=torch.Generator().manual_seed(3)).squeeze(-1)
+    F.cross_entropy(logits[scored], y, reduction="sum").backward()
+    for h in handles:
+        h.remove()
+    keep = batch["attention_mask"].bool()
+    assert got.keys() == outs.keys() and len(got) == 7
+    for n, o in outs.items():
+        g = o.grad[keep].double()
+        torch.testing.assert_close(got[n], g.T @ g / len(g), rtol=1e-5, atol=1e-9)
+        assert got[n].abs().max() > 0
+
+
 def test_asvd_with_identity_covariance_is_plain_svd(tmp_path):
     from qdylora import rank_scope
     from qdylora.ranks import DynamicRank, lora_layers
@@ -59,7 +100,7 @@ def test_asvd_with_identity_covariance_is_plain_svd(tmp_path):
     for b in (1, 3):
         with rank_scope(model, b, method="svd"):
             want = model(input_ids=ids).logits
-        with real.asvd_scope(model, b, roots):
+        with real.svd_at_rank(model, b, roots=roots):
             got = model(input_ids=ids).logits
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
         assert not torch.allclose(got, full, atol=1e-4)  # the truncation did change something
