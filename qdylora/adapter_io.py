@@ -11,7 +11,8 @@ It also holds how an adapter's config is read (`stored_config`), and so how its 
 are read when nobody says (`QDyLoraConfig.default_method`): prefix for a QDyLoRA run, svd for
 an adapter whose lower ranks were never trained (a plain LoRA adapter with no
 qdylora_config.json, or `preset("plain")`), where a prefix cut needs `force` or a recorded
-sweep that measured it (`check_adapter`).
+sweep that measured it (`check_adapter`); such an adapter's sweep measures svd and prefix
+unless told otherwise (`QDyLoraConfig.sweep_methods`), so after a sweep both are accepted.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Sequence, Union
 
 from .errors import InputError, is_int
 
@@ -203,6 +203,14 @@ class QDyLoraConfig:
         return "prefix" if self.lower_ranks_trained else "svd"
 
     @property
+    def sweep_methods(self) -> list[str]:
+        """The readings the sweep measures when nobody says: the run's own (prefix) for a QDyLoRA
+        run; for a run that trained the full rank only, svd AND prefix, because which of the two
+        reads such an adapter better depends on the task (benchmarks/results/real.md: svd on the
+        planted and demo tasks, prefix on GSM8K), so the recommendation picks the (rank, method)."""
+        return [self.default_method] if self.lower_ranks_trained else ["svd", "prefix"]
+
+    @property
     def sweep_ranks(self) -> list[int]:
         """The ranks the sweep measures when none are given."""
         if self.eval_ranks:
@@ -267,7 +275,7 @@ class SweepSettings:
     tolerance: float = setting(0.01, "Recommend the smallest rank within this relative gap of the best.", min=0)
     methods: list[Method] | None = setting(
         None, "Truncation methods each rank is measured under (prefix, svd); the recommendation is then a "
-        "(rank, method). Unset: prefix for a QDyLoRA run, svd for a run that trained the full rank only.",
+        "(rank, method). Unset: prefix for a QDyLoRA run, svd and prefix for a run that trained the full rank only.",
     )
 
     def __post_init__(self) -> None:
@@ -315,17 +323,17 @@ class SampleSettings:
 
 
 def export_problem(export: ExportSettings, sweep: SweepSettings, has_eval: bool, key: dict[str, str],
-                   default_method: str = "prefix") -> str | None:
+                   default_methods: Sequence[str] = ("prefix",)) -> str | None:
     """Why the exports cannot follow from this sweep, before any training: 'recommended' needs
     a sweep (enabled, with eval data) that measures the export's method. `key` names the
     settings as the user wrote them: {"ranks", "method", "enabled", "methods", "eval"};
-    `default_method` is the run's (`QDyLoraConfig.default_method`), used where none is set."""
+    `default_methods` are the run's (`QDyLoraConfig.sweep_methods`), used where none are set."""
     if RECOMMENDED not in (export.ranks or []):
         return None
     if not (sweep.enabled and has_eval):
         return (f"{key['ranks']} lists 'recommended', which comes from the rank sweep: give {key['eval']} and keep "
                 f"{key['enabled']}, or list explicit ranks")
-    measured = sweep.methods or [default_method]
+    measured = sweep.methods or list(default_methods)
     if export.method is not None and export.method not in measured:
         return (f"{key['method']} is {export.method} and {key['ranks']} lists 'recommended', but the sweep measures "
                 f"only {', '.join(measured)}: add {export.method} to {key['methods']}")

@@ -115,7 +115,7 @@ class Recipe:
                 resolved.check_ranks(ranks, what=what)
         problem = export_problem(export, sweep, bool(raw.get("eval_data") or eval_size), {
             "ranks": "export.ranks", "method": "export.method", "enabled": "sweep.enabled: true",
-            "methods": "sweep.methods", "eval": "eval_data or eval_size"}, resolved.default_method)
+            "methods": "sweep.methods", "eval": "eval_data or eval_size"}, resolved.sweep_methods)
         if problem:
             raise InputError(problem)
         if export.vllm and export.ranks and lora.get("modules_to_save"):

@@ -233,12 +233,13 @@ def sweep_adapter(
     """Sweep a saved adapter on a prompt/answer dataset (`data`: a `qdylora.data.DataSpec`).
 
     `methods`: measure every rank under each truncation method ("prefix", "svd"); default:
-    the adapter's (prefix for a QDyLoRA run, svd for a plain LoRA adapter).
+    the adapter's `sweep_methods` (prefix for a QDyLoRA run; svd and prefix for a plain LoRA
+    adapter, whose better reading depends on the task).
 
     Writes rank_sweep.json and rank_sweep.png into `out_dir` (default: the adapter folder)
     and records the result in the adapter's qdylora_config.json. A plain LoRA adapter (not
-    trained with qdylora) is swept with svd unless told otherwise (`methods=["prefix", "svd"]`
-    measures its prefix cut too, which exports then accept); its record is the
+    trained with qdylora) is swept with svd and prefix unless told otherwise (exports then accept
+    its prefix cut, and `--rank recommended` takes the better reading); its record is the
     rank_sweep.json (it is given no qdylora_config.json, which would claim how it was trained). `sample_prompts` are
     answered at every rank, written with the data's template and no chat template (as
     the evaluation examples are) unless `sample_kwargs` says otherwise.
@@ -252,7 +253,7 @@ def sweep_adapter(
 
     # the cheap checks first: adapter files, ranks, data, output folder; then the slow model load
     files = check_adapter(adapter_dir, methods=methods, measuring=True)  # measured here: prefix allowed
-    methods = check_methods(methods or [files.default_method])
+    methods = check_methods(methods or files.config.sweep_methods)
     ranks = list(ranks) if ranks is not None else files.config.sweep_ranks
     files.config.check_ranks(ranks)
     if not is_int(batch_size) or batch_size < 1:

@@ -210,18 +210,26 @@ def test_train_exports_after_the_sweep_and_reports_it(tmp_path, tiny_llama, arit
 
 def test_train_preset_plain_sweeps_and_exports_by_svd(tmp_path, tiny_llama, arithmetic_data):
     """`qdylora: {preset: plain}`: plain LoRA at r_max, then every lower rank read by svd (the
-    best one-run pipeline measured): the sweep and the exports use svd with no method given."""
+    best one-run pipeline measured on the planted task): with no method given the sweep measures
+    svd and prefix, the export of [2, recommended] uses the recommended pair's method, an export
+    with no method and no sweep pick reads svd, and prefix is accepted once the sweep measured it."""
     out = tmp_path / "out"
     cfg = _yaml(tmp_path, tiny_llama, arithmetic_data, out, qdylora={"preset": "plain"},
                 sweep={"ranks": [1, 2, 8]}, export={"ranks": [2, "recommended"]})
     res = CliRunner().invoke(main, ["train", str(cfg)])
     assert res.exit_code == 0, res.output
     stored = json.loads((out / "qdylora_config.json").read_text())
-    assert stored["config"]["ranks"] == [8] and list(stored["sweep"]["methods"]) == ["svd"]
-    for folder in (out / "qdylora-exports").iterdir():
-        assert json.loads((folder / "qdylora_export.json").read_text())["method"] == "svd"
+    assert stored["config"]["ranks"] == [8] and list(stored["sweep"]["methods"]) == ["svd", "prefix"]
+    exported = {json.loads((f / "qdylora_export.json").read_text())["rank"]:
+                json.loads((f / "qdylora_export.json").read_text())["method"] for f in (out / "qdylora-exports").iterdir()}
+    rec = (stored["sweep"]["recommended_rank"], stored["sweep"]["recommended_method"])
+    # ranks [2, recommended]: one export, every rank under the recommended pair's method
+    assert exported == {2: rec[1], rec[0]: rec[1]}
     info = CliRunner().invoke(main, ["info", str(out)])
     assert "read by:       svd (only the full rank was trained" in info.output
     res = CliRunner().invoke(main, ["export", "adapter", str(out), "--rank", "2", "--method", "prefix",
                                     "--out", str(tmp_path / "p")])
-    assert res.exit_code == 2 and "trained at its full rank only" in res.output
+    assert res.exit_code == 0 and (tmp_path / "p" / "adapter_model.safetensors").is_file(), res.output
+    assert json.loads((tmp_path / "p" / "qdylora_export.json").read_text())["method"] == "prefix"
+    res = CliRunner().invoke(main, ["export", "adapter", str(out), "--rank", "2", "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0 and json.loads((tmp_path / "s" / "qdylora_export.json").read_text())["method"] == "svd"

@@ -147,7 +147,7 @@ def test_plain_adapter_svd_needs_no_force_and_b_r_reproduces_it(export_base, tmp
 
 
 def test_plain_adapter_sweep_generate_and_export_recommended_with_svd(export_base, tmp_path):
-    """A plain LoRA adapter is swept and answered under svd only; its record is rank_sweep.json
+    """A plain LoRA adapter is swept under svd and prefix, answered under svd; its record is rank_sweep.json
     (no qdylora_config.json appears); `export --rank recommended --method svd` reads it; and
     `generate --method svd` answers as the svd export loaded in plain PEFT does."""
     from peft import PeftModel
@@ -159,11 +159,11 @@ def test_plain_adapter_sweep_generate_and_export_recommended_with_svd(export_bas
     data = write_arithmetic_jsonl(tmp_path / "eval.jsonl", 8, seed=1)
     res = cli("generate", src, "--ranks", "3", "--method", "prefix", "--prompt", "1 plus 2", "--no-4bit")
     assert res.exit_code == 2 and "--method svd" in res.stderr  # an unmeasured prefix: refused before loading
-    res = cli("sweep", src, "--data", data, "--ranks", "1,4,8", "--max-length", 32, "--no-4bit")  # svd: its default
+    res = cli("sweep", src, "--data", data, "--ranks", "1,4,8", "--max-length", 32, "--no-4bit")  # svd,prefix: its default
     assert res.exit_code == 0, res.output
     assert not (src / "qdylora_config.json").exists()
     sweep = json.loads((src / "rank_sweep.json").read_text())
-    assert list(sweep["methods"]) == ["svd"] and sorted(sweep["methods"]["svd"]) == ["1", "4", "8"]
+    assert list(sweep["methods"]) == ["svd", "prefix"] and sorted(sweep["methods"]["svd"]) == ["1", "4", "8"]
     info = cli("info", src)
     assert info.exit_code == 0 and "not trained with qdylora" in info.output and "1..8" in info.output
     assert "AURAC" in info.output  # the sweep, read from rank_sweep.json

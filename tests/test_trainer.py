@@ -206,8 +206,8 @@ def test_gradient_checkpointing_recomputes_at_the_drawn_rank(tiny_llama, dataset
 
 def test_preset_plain_is_plain_lora_training_read_by_svd(tiny_llama, datasets_, tmp_path):
     """preset "plain" trains exactly what a plain transformers.Trainer trains (same seed, same
-    data order: identical LoRA weights), records that only r_max was trained, and its lower
-    ranks default to svd in the sweep (prefix there is the plain run's meaningless cut)."""
+    data order: identical LoRA weights), records that only r_max was trained, its lower ranks
+    are read by svd, and its sweep measures svd and prefix (which is better depends on the task)."""
     from qdylora.adapter_io import check_adapter
 
     plain = make_trainer(tiny_llama, datasets_, tmp_path / "plain", cls=Trainer, max_steps=4)
@@ -221,11 +221,15 @@ def test_preset_plain_is_plain_lora_training_read_by_svd(tiny_llama, datasets_, 
     config = ours.qdylora_config
     assert (config.ranks, config.lower_ranks_trained, config.default_method) == ([8], False, "svd")
     assert config.sweep_ranks == [1, 2, 4, 8]
-    ours.evaluate_ranks()
-    assert ours.rank_sweep.methods == ["svd"]
-    ours.save_model(str(tmp_path / "adapter"))
-    files = check_adapter(tmp_path / "adapter")
+    ours.save_model(str(tmp_path / "unswept"))
+    files = check_adapter(tmp_path / "unswept")
     assert files.default_method == "svd"
-    with pytest.raises(InputError, match="trained at its full rank only"):
-        check_adapter(tmp_path / "adapter", methods=["prefix"])
+    with pytest.raises(InputError, match="trained at its full rank only"):  # its prefix cut: never measured
+        check_adapter(tmp_path / "unswept", methods=["prefix"])
+    ours.evaluate_ranks()
+    assert config.sweep_methods == ["svd", "prefix"] and QDyLoraConfig().resolve(8, 0).sweep_methods == ["prefix"]
+    assert ours.rank_sweep.methods == ["svd", "prefix"]
+    assert ours.rank_sweep.by_method["svd"] != ours.rank_sweep.by_method["prefix"]  # two readings, measured apart
+    ours.save_model(str(tmp_path / "adapter"))
+    assert check_adapter(tmp_path / "adapter", methods=["prefix"]).default_method == "svd"  # measured: accepted
     assert QDyLoraConfig().resolve(8, 0).default_method == "prefix"  # the paper recipe: its prefixes

@@ -22,7 +22,7 @@ from .params import RankList, data_options
 @click.option(
     "--method", "methods", default=None,
     help="Truncation methods to measure each rank under, e.g. prefix,svd (svd: the top-b SVD of each layer's delta); "
-    "the recommendation is then a (rank, method). Default: prefix for a QDyLoRA run, svd for a plain LoRA adapter.",
+    "the recommendation is then a (rank, method). Default: prefix for a QDyLoRA run, svd,prefix for a plain LoRA adapter.",
 )
 def sweep(adapter_dir: str, data_path: str, prompt_field, answer_field, template, max_length, limit, ranks, base,
           refine, tolerance, batch_size, no_4bit, out, sample_prompts, max_new_tokens, methods) -> None:

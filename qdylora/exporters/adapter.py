@@ -106,8 +106,8 @@ def export_adapters(
 ) -> dict[int, Path]:
     """Export several ranks of one adapter into `out_dir/rank-<b>/` (multi-LoRA serving).
 
-    Every rank uses the same `method` (None: prefix, or the sweep's recommended method
-    when "recommended" is among `ranks`). The whole `out_dir` appears at once, with every
+    Every rank uses the same `method` (None: the adapter's default reading, or the sweep's
+    recommended method when "recommended" is among `ranks`). The whole `out_dir` appears at once, with every
     rank in it, or not at all. `out_dir` may not be, contain or lie inside `adapter_dir`
     unless `inside_adapter` (a subfolder of the run, as the Axolotl plugin writes).
     Returns {rank: folder}.

@@ -32,7 +32,7 @@ def run_sweep(
 ) -> SweepResult:
     """Evaluate `trainer` (a QDyLoRA trainer) at each rank under each method, refining if asked.
 
-    `methods` (default: the run's `default_method`, prefix unless only r_max was trained):
+    `methods` (default: the run's `sweep_methods`: prefix, or svd and prefix when only r_max was trained):
     "prefix" evaluates `trainer.evaluate(rank=b)` (logged `eval_r{b}_*`); "svd"
     the same with every layer's delta SVD-truncated to b (`DynamicRank.svd_scope`, logged
     `eval_svd_r{b}_*`). Refinement measures the ranks around the best (rank, method)
@@ -44,7 +44,7 @@ def run_sweep(
     config = trainer.qdylora_config
     ranks = sorted(set(ranks))
     config.check_ranks(ranks)
-    methods = check_methods(methods or [config.default_method])
+    methods = check_methods(methods or config.sweep_methods)
     primary = "prefix" if "prefix" in methods else methods[0]
     sample_prompts = list(sample_prompts or [])
     if sample_prompts and getattr(trainer, "processing_class", None) is None:

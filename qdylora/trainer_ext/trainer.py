@@ -157,7 +157,7 @@ class QDyLoraMixin:
         `sample_kwargs`, passed to `qdylora.generate_across_ranks`, says otherwise); the
         answers are in `self.rank_sweep.samples` and rank_sweep.json.
 
-        `methods` (default: the config's `default_method`): "prefix" (the rank-b slice QDyLoRA trains) and/or "svd" (each layer's
+        `methods` (default: the config's `sweep_methods`): "prefix" (the rank-b slice QDyLoRA trains) and/or "svd" (each layer's
         delta SVD-truncated to b, logged as `eval_svd_r{rank}_*`). The returned dict is
         prefix's when measured (else the first method's), every method's is in
         `self.rank_sweep.by_method`, and the recommendation is a (rank, method) over all.
