@@ -49,6 +49,10 @@ Arms (keys of results/planted.json):
   too: the rank-b delta minimises E||G^(1/2) (D - D_b) x||^2, G the covariance of the layer's
   output gradients under labels sampled from the model itself (`output_fishers`, the same 128
   sequences): K-FAC's Kronecker-factored Fisher, i.e. a second-order model of the loss increase;
+- lora_rmax_svd+heal, lora_rmax_fsvd+heal (own idea): the plain run's svd / fsvd cut at each rank
+  b < r_max, then trained ALONE at rank b for `--heal-steps` (30, a tenth of the run) at constant
+  `--heal-lr` (3e-4, chosen on seed 0 among 1e-3 and 3e-4), data order seed + 100: every healed
+  rank costs a short extra run, so the cost column counts them;
 - the oracle row (not an arm): the top-b SVD of the planted delta itself, no training.
 
     OMP_NUM_THREADS=1 python benchmarks/planted.py run --seeds 0,1,2      # all arms
@@ -89,7 +93,7 @@ from qdylora.sweep_result import aurac  # noqa: E402,F401  (the sweep's AURAC, o
 from qdylora.trainer_ext.trainer import QDyLoraMixin  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-EXTRAS = ["planted.fp32.json", "planted.asvd.json", "planted.fsvd.json", "planted.600steps.json"]  # the report's sections after the main one, in this order
+EXTRAS = ["planted.fp32.json", "planted.asvd.json", "planted.fsvd.json", "planted.heal.json", "planted.600steps.json"]  # the report's sections after the main one, in this order
 ALPHA = 16
 
 # The training recipes. paper and balanced are QDyLoraConfig presets; lw_anchor is issue 8's
@@ -119,7 +123,8 @@ def recipes() -> dict[str, dict[str, Any]]:
 
 TRAINED = ["paper", "balanced", "lw_anchor", "matryoshka", "const_scale", "lw_anchor_both"]
 ARM_ORDER = ["dedicated", "lora_rmax_prefix", "lora_rmax_svd", "lora_rmax_asvd", "lora_rmax_fsvd"] + \
-    [f"{n}{cut}" for n in TRAINED for cut in ("", "+svd", "+asvd", "+fsvd")]
+    [f"{n}{cut}" for n in TRAINED for cut in ("", "+svd", "+asvd", "+fsvd")] + \
+    ["lora_rmax_svd+heal", "lora_rmax_fsvd+heal"]
 
 
 # -- the metric ------------------------------------------------------------------------------
@@ -453,37 +458,50 @@ def output_fishers(model: torch.nn.Module, batches: Any, seed: int = 0) -> dict[
     return moments.means()
 
 
+def cut_factors(model: torch.nn.Module, b: int, *, roots: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                out_roots: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer name: (A', B')}: each layer's r_max delta `scaling * B @ A` cut to rank b, the top-b SVD
+    (`svd_truncate`), or with `roots` (layer name -> `whitening` of its input covariance) the
+    activation-aware `whitened_truncate`, with `out_roots` too (of its `output_fishers`) the
+    Fisher-aware one. PEFT's scaling at rank b (`lora_scale(alpha, b)`) is folded in, so (A', B')
+    ARE a rank-b PEFT adapter's factors."""
+    dr = DynamicRank.of(model)
+    out = {}
+    for name, layer in lora_layers(dr.model, dr.adapter_name):
+        a, bb = layer.lora_A[dr.adapter_name].weight, layer.lora_B[dr.adapter_name].weight
+        assert a.shape[0] >= b
+        scale = layer.scaling[dr.adapter_name]
+        out_scale = lora_scale(layer.lora_alpha[dr.adapter_name], b, dr.use_rslora)
+        if roots is not None:
+            out[name] = whitened_truncate(a, bb, scale, b, out_scale, roots=roots[name],
+                                          out_roots=out_roots[name] if out_roots is not None else None)
+        else:
+            out[name] = svd_truncate(a, bb, scale, b, out_scale)
+    return out
+
+
 @contextlib.contextmanager
 def svd_at_rank(model: torch.nn.Module, b: int, covs: dict[str, torch.Tensor] | None = None, *,
                 roots: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
                 out_roots: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
-    """Run at rank b with each layer's delta replaced by its top-b SVD (exactly a rank-b PEFT adapter).
+    """Run at rank b with each layer's delta replaced by its `cut_factors` (exactly a rank-b PEFT adapter).
 
-    The r_max delta is `scaling * B @ A` with PEFT's scaling at r_max; svd_truncate's A', B'
-    go into the first b rows/columns and rank_scope(b) applies lora_scale(alpha, b) to them.
-    With `covs` (layer name -> input covariance), or their `roots` (layer name -> `whitening`),
-    the activation-aware `whitened_truncate` is used; with `out_roots` too (layer name -> `whitening`
-    of its `output_fishers`), the Fisher-aware one.
+    The r_max delta is `scaling * B @ A` with PEFT's scaling at r_max; the cut's A', B' go into
+    the first b rows/columns and rank_scope(b) applies lora_scale(alpha, b) to them.
+    `covs` (layer name -> input covariance) is the uncomputed form of `roots`.
     """
     dr = DynamicRank.of(model)
+    if covs is not None and roots is None:
+        roots = {n: whitening(c) for n, c in covs.items()}
+    factors = cut_factors(model, b, roots=roots, out_roots=out_roots)
     saved = []
     for name, layer in lora_layers(dr.model, dr.adapter_name):
         a, bb = layer.lora_A[dr.adapter_name].weight, layer.lora_B[dr.adapter_name].weight
-        r = a.shape[0]
-        scale = layer.scaling[dr.adapter_name]
-        out_scale = lora_scale(layer.lora_alpha[dr.adapter_name], b, dr.use_rslora)
-        if roots is not None:
-            new_a, new_b = whitened_truncate(a, bb, scale, b, out_scale, roots=roots[name],
-                                             out_roots=out_roots[name] if out_roots is not None else None)
-        elif covs is not None:
-            new_a, new_b = whitened_truncate(a, bb, scale, b, out_scale, covs[name])
-        else:
-            new_a, new_b = svd_truncate(a, bb, scale, b, out_scale)
+        new_a, new_b = factors[name]
         saved.append((a, bb, a.detach().clone(), bb.detach().clone()))
         with torch.no_grad():
             a[:b].copy_(new_a)
             bb[:, :b].copy_(new_b)
-        assert r >= b
     try:
         with rank_scope(model, b):
             yield
@@ -495,8 +513,13 @@ def svd_at_rank(model: torch.nn.Module, b: int, covs: dict[str, torch.Tensor] | 
 
 
 # -- one training run -------------------------------------------------------------------------
-def train(task: dict[str, Any], args: argparse.Namespace, seed: int, *, r: int, recipe: dict[str, Any] | None):
-    """Train one adapter; returns (model, cpu seconds, wall seconds, RowScale or None)."""
+def train(task: dict[str, Any], args: argparse.Namespace, seed: int, *, r: int, recipe: dict[str, Any] | None,
+          init: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None, steps: int | None = None,
+          lr: float | None = None):
+    """Train one adapter; returns (model, cpu seconds, wall seconds, RowScale or None, train loss).
+
+    `init` ({layer name: (A, B)}, e.g. `cut_factors`): start from these factors instead of PEFT's
+    init, at a constant LR (healing a cut); `steps` / `lr`: instead of args.steps / args.lr."""
     from peft import LoraConfig, get_peft_model
     from transformers import TrainingArguments
 
@@ -507,13 +530,21 @@ def train(task: dict[str, Any], args: argparse.Namespace, seed: int, *, r: int, 
     use_rslora = bool(recipe.get("matryoshka"))
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=ALPHA, lora_dropout=0.0,
                                              target_modules="all-linear", use_rslora=use_rslora))
+    if init is not None:
+        dr = DynamicRank.of(model)
+        with torch.no_grad():
+            for name, layer in lora_layers(dr.model, dr.adapter_name):
+                layer.lora_A[dr.adapter_name].weight.copy_(init[name][0])
+                layer.lora_B[dr.adapter_name].weight.copy_(init[name][1])
+    steps, lr = steps or args.steps, lr or args.lr
     data = KLData(task["train_ids"], task["train_logp"])
     hooks = None
     with tempfile.TemporaryDirectory() as scratch:
         targs = TrainingArguments(
-            output_dir=scratch, max_steps=args.steps, per_device_train_batch_size=args.batch,
-            learning_rate=args.lr, lr_scheduler_type="constant_with_warmup", warmup_steps=0.03, max_grad_norm=0.3,
-            weight_decay=0.0, optim="adamw_torch", seed=seed, data_seed=seed, logging_steps=max(1, args.steps // 4),
+            output_dir=scratch, max_steps=steps, per_device_train_batch_size=args.batch, learning_rate=lr,
+            lr_scheduler_type="constant" if init is not None else "constant_with_warmup", warmup_steps=0.03,
+            max_grad_norm=0.3, weight_decay=0.0, optim="adamw_torch", seed=seed, data_seed=seed,
+            logging_steps=max(1, steps // 4),
             save_strategy="no", report_to="none", remove_unused_columns=False, disable_tqdm=True,
             dataloader_num_workers=0, use_cpu=True,
         )
@@ -596,6 +627,12 @@ def run_seed(task: dict[str, Any], args: argparse.Namespace, seed: int, arms: li
         if cut == "svd" or f"lora_rmax_{cut}" in arms:  # svd always: it is the bar
             res[f"lora_rmax_{cut}"] = {"ranks": measure(model, task, ranks, hooks=None, cut=cut),
                                        "cpu": cpu_plain + _svd_cpu(model, ranks, task, cut=cut)}
+    for cut in ("svd", "fsvd"):
+        if f"lora_rmax_{cut}+heal" in arms:
+            res[f"lora_rmax_{cut}+heal"] = healed(model, task, args, seed, cut, res["lora_rmax_prefix"]["ranks"])
+            res[f"lora_rmax_{cut}+heal"]["cpu"] += cpu_plain
+            print(f"{tag} lora_rmax_{cut}+heal: " + "  ".join(
+                f"r{b} {v:.5f}" for b, v in res[f"lora_rmax_{cut}+heal"]["ranks"].items()), flush=True)
     del model
     gc.collect()
 
@@ -631,6 +668,32 @@ def run_seed(task: dict[str, Any], args: argparse.Namespace, seed: int, arms: li
         print(f"{tag} {name:20s} " + "  ".join(f"r{b} {v:.5f}" for b, v in r["ranks"].items())
               + f"  cost {r['cost']:.2f}", flush=True)
     return {"plain_cpu_seconds": cpu_plain, "arms": res}
+
+
+def healed(model, task: dict[str, Any], args: argparse.Namespace, seed: int, cut: str,
+           full: dict[str, float]) -> dict[str, Any]:
+    """Own idea 5: each rank b < r_max of the plain r_max run, cut by `cut` (svd or fsvd), then
+    trained on its own for args.heal_steps steps at args.heal_lr (constant), data order seed + 100,
+    from the cut's factors: a rank-b PEFT adapter, "healed". r_max is the run itself (`full`).
+    cpu = the calibration + every healing run (the caller adds the plain run's)."""
+    c0 = time.process_time()
+    roots, out_roots = calibration_roots(model, task, cut)
+    cpu = time.process_time() - c0
+    out = {}
+    for b in args.ranks:
+        if b == args.r_max:
+            out[str(b)] = full[str(b)]
+            continue
+        c0 = time.process_time()
+        init = cut_factors(model, b, roots=roots, out_roots=out_roots)
+        cpu += time.process_time() - c0
+        student, heal_cpu, *_ = train(task, args, seed + 100, r=b, recipe=None, init=init,
+                                      steps=args.heal_steps, lr=args.heal_lr)
+        out[str(b)] = excess(student, task)
+        cpu += heal_cpu
+        del student
+        gc.collect()
+    return {"ranks": out, "cpu": cpu}
 
 
 def _svd_cpu(model, ranks: list[int], task: dict[str, Any], hooks: RowScale | None = None, cut: str = "svd") -> float:
@@ -669,7 +732,7 @@ def summarise(per_seed: dict[str, Any], ranks: list[int]) -> dict[str, Any]:
             "ranks": {b: sum(v) / len(v) for b, v in vals.items()},
             "half_spread": {b: (max(v) - min(v)) / 2 for b, v in vals.items()},
             "per_seed": {b: v for b, v in vals.items()},
-            "one_run": name != "dedicated",
+            "one_run": name != "dedicated" and not name.endswith("+heal"),  # healing trains a run per rank
             "cost": sum(per_seed[s]["arms"][name]["cost"] for s in seeds) / len(seeds),
             "aurac": sum(a_seed) / len(a_seed),
             "aurac_per_seed": a_seed,
@@ -706,6 +769,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--plant-rank", type=int, default=32)
     run.add_argument("--plant-size", type=float, default=1.0, help="top planted singular value / sigma_1(W0)")
     run.add_argument("--plant-decay", type=float, default=1.0, help="s_k proportional to (k+1)^-decay")
+    run.add_argument("--heal-steps", type=int, default=30, help="X+heal arms: steps per healed rank (10%% of 300)")
+    run.add_argument("--heal-lr", type=float, default=3e-4, help="X+heal arms: constant LR of the healing steps")
     run.add_argument("--fp32-base", action="store_true",
                      help="student base in fp32 instead of NF4 (the issue's first measurement)")
     run.add_argument("--task-seed", type=int, default=0, help="base, planted delta and sequences")
@@ -887,8 +952,10 @@ def plot(data: dict[str, Any], png_path: Path) -> None:
             family = "lora_rmax" if name.startswith("lora_rmax") else name.split("+")[0]
             cut = name.split("+")[1] if "+" in name else name[len("lora_rmax_"):] if name.startswith("lora_rmax_") else ""
             cut = "" if cut == "prefix" else cut
-            style = dict(color=colors(families.index(family) % 10), marker="oxs^"[["", "svd", "asvd", "fsvd"].index(cut)],
-                         markersize=4, linestyle={"": "-", "svd": ":", "asvd": "-.", "fsvd": (0, (5, 2))}[cut])
+            style = dict(color=colors(families.index(family) % 10), marker="oxs^*"[["", "svd", "asvd", "fsvd", "heal"].index(cut)],
+                         markersize=4, linestyle={"": "-", "svd": ":", "asvd": "-.", "fsvd": (0, (5, 2)), "heal": "-"}[cut])
+            if cut == "heal":  # healed cuts: the family's colour would hide them among the plain run's lines
+                style.update(color="crimson" if "fsvd" in name else "darkorange", linewidth=2, markersize=7)
         ax.plot(ranks, ys, label=name, **style)
     ax.axhline(data["zero_shot_excess"], color="grey", linewidth=0.8, label="zero-shot")
     if data.get("oracle"):  # zero (to rounding) at ranks >= the planted rank: not drawn on a log axis

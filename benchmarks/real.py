@@ -22,7 +22,9 @@ Training runs (one JSON per run and seed; all readouts of one run come from that
   planted.py's `whitened_truncate` itself, with the whitening computed once per layer),
   `lora_rmax_fsvd` (Fisher-aware SVD: the output side weighted too, by the covariance of each
   layer's output gradients under answer tokens SAMPLED from the model, on the same 128 examples:
-  planted.py's `output_fishers`, K-FAC's factors);
+  planted.py's `output_fishers`, K-FAC's factors),
+  `lora_rmax_svd+heal` (each rank's svd cut as a fresh rank-b adapter trained ALONE for a tenth of
+  the run's steps at 0.3x its LR, constant, data order seed + 100: planted.py's +heal; `HEAL`);
 - `paper`: QDyLoRA paper recipe (QDyLoraConfig preset "paper"), read as `paper` (prefix,
   today's default), `paper+svd`, `paper+asvd`;
 - `lw_anchor`: quality.py's lw-anchor (loss weight inverse_scale + anchor r_max), read as
@@ -100,7 +102,10 @@ RECIPES: dict[str, dict[str, Any]] = {
 # readouts measured per r_max run (each costs ~20 s per rank and split on the demo): the arms the
 # issue asks for; paper+asvd / lw_anchor / lw_anchor+asvd are left out to fit the time budget
 READOUTS: dict[str, list[str]] = {"plain": ["prefix", "svd", "asvd", "fsvd"], "paper": ["prefix", "svd"], "lw_anchor": ["svd"]}
-METHODS = ("prefix", "svd", "asvd", "fsvd")
+METHODS = ("prefix", "svd", "asvd", "fsvd", "heal")
+# "heal" (planted.py's lora_rmax_svd+heal, 30 of 300 steps at 3e-4 = 0.3x its LR): each rank's svd cut
+# as a fresh rank-b adapter, trained alone for a tenth of the run's steps at 0.3x its LR, constant
+HEAL = {"steps_fraction": 0.1, "lr_factor": 0.3, "data_seed_offset": 100}
 # arm name -> (training run, readout method)
 ARMS: dict[str, tuple[str, str]] = {
     "dedicated": ("lora-r*", "prefix"),
@@ -108,6 +113,7 @@ ARMS: dict[str, tuple[str, str]] = {
     "lora_rmax_svd": ("plain", "svd"),
     "lora_rmax_asvd": ("plain", "asvd"),
     "lora_rmax_fsvd": ("plain", "fsvd"),
+    "lora_rmax_svd+heal": ("plain", "heal"),
     "paper": ("paper", "prefix"),
     "paper+svd": ("paper", "svd"),
     "paper+asvd": ("paper", "asvd"),
@@ -173,8 +179,47 @@ def calibration(model: Any, methods: list[str], ctx: dict[str, Any], task: str):
     return roots, out_roots
 
 
+def healed(model: Any, task: str, b: int, seed: int, ctx: dict[str, Any]) -> tuple[dict[str, float], float]:
+    """The svd cut of the r_max `model` at rank b, loaded into a fresh rank-b PEFT adapter and trained
+    alone (`HEAL`): its answer loss per split, and the CPU seconds of the healing training."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from qdylora.ranks import DynamicRank, lora_layers, lora_scale, svd_truncate
+
+    cfg = TASKS[task]
+    dr = DynamicRank.of(model)
+    cut = {n: svd_truncate(layer.lora_A[dr.adapter_name].weight, layer.lora_B[dr.adapter_name].weight,
+                           layer.scaling[dr.adapter_name], b, lora_scale(ALPHA, b, False))
+           for n, layer in lora_layers(dr.model, dr.adapter_name)}
+    student = get_peft_model(load_model(ctx["model"]), LoraConfig(task_type="CAUSAL_LM", r=b, lora_alpha=ALPHA,
+                                                                  lora_dropout=0.0, target_modules="all-linear"))
+    ds = DynamicRank.of(student)
+    with torch.no_grad():
+        for n, layer in lora_layers(ds.model, ds.adapter_name):
+            layer.lora_A[ds.adapter_name].weight.copy_(cut[n][0])
+            layer.lora_B[ds.adapter_name].weight.copy_(cut[n][1])
+    extra = {"optim": cfg["optim"]} if cfg["optim"] else {}
+    data_seed = seed + HEAL["data_seed_offset"]
+    with tempfile.TemporaryDirectory() as scratch:
+        targs = TrainingArguments(
+            output_dir=scratch, max_steps=max(1, round(cfg["steps"] * HEAL["steps_fraction"])),
+            per_device_train_batch_size=cfg["batch"], learning_rate=cfg["lr"] * HEAL["lr_factor"],
+            lr_scheduler_type="constant", max_grad_norm=0.3, weight_decay=0.0, seed=data_seed, data_seed=data_seed,
+            logging_steps=1000, save_strategy="no", report_to="none", remove_unused_columns=False,
+            disable_tqdm=True, **extra)
+        c0 = time.process_time()
+        Trainer(model=student, args=targs, train_dataset=ctx["data"]["train"], data_collator=ctx["collate"]).train()
+        cpu = time.process_time() - c0
+    student.eval()
+    losses = {split: answer_loss(student, ctx["data"][split], ctx["collate"], cfg["eval_batch"]) for split in cfg["splits"]}
+    del student
+    gc.collect()
+    return losses, cpu
+
+
 def read_out(model: Any, task: str, r: int, methods: list[str], ctx: dict[str, Any],
-             done: dict[str, Any], tag: str) -> dict[str, Any]:
+             done: dict[str, Any], tag: str, seed: int = 0) -> dict[str, Any]:
     """{method: {split: {rank: answer loss}}} of one r_max adapter at every rank of the task
     (a dedicated adapter: its own rank, prefix only). `done`: readouts already measured (their
     r_max numbers are reused: at b = r_max every cut keeps the whole delta)."""
@@ -191,6 +236,12 @@ def read_out(model: Any, task: str, r: int, methods: list[str], ctx: dict[str, A
                 # rounding, 1e-6 relative): reuse the prefix numbers instead of more evaluation passes
                 for split in cfg["splits"]:
                     res[split][str(b)] = prefix[split][str(b)]
+                continue
+            if method == "heal":
+                losses, cpu = healed(model, task, b, seed, ctx)
+                for split in cfg["splits"]:
+                    res[split][str(b)] = losses[split]
+                res.setdefault("heal_cpu_seconds", {})[str(b)] = cpu
                 continue
             if method in ("asvd", "fsvd"):
                 scope = svd_at_rank(model, b, roots=roots, out_roots=out_roots if method == "fsvd" else None)
@@ -242,7 +293,7 @@ def run_one(task: str, run: str, seed: int, ctx: dict[str, Any]) -> dict[str, An
                            "train_cpu_seconds": train_cpu, "adapter": str(adapter), "readouts": {}}
     t0, c0 = time.perf_counter(), time.process_time()
     methods = READOUTS[run] if r == cfg["r_max"] else ["prefix"]
-    out["readouts"] = read_out(model, task, r, methods, ctx, {}, f"[{task} {run} s{seed}]")
+    out["readouts"] = read_out(model, task, r, methods, ctx, {}, f"[{task} {run} s{seed}]", seed)
     out["readout_seconds"], out["readout_cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
     del model, trainer
     gc.collect()
@@ -286,7 +337,7 @@ def main_readout(args: argparse.Namespace) -> None:
         print(f"[{args.task} {args.run} s{seed}] cached adapter reproduces val r{r} {got:.6f}", flush=True)
         t0, c0 = time.perf_counter(), time.process_time()
         rec["readouts"].update(read_out(model, args.task, r, todo, ctx, rec["readouts"],
-                                        f"[{args.task} {args.run} s{seed}]"))
+                                        f"[{args.task} {args.run} s{seed}]", seed))
         rec.setdefault("added_readouts", []).append({
             "methods": todo, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
             "command": (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')} python benchmarks/real.py "
@@ -372,7 +423,8 @@ def summarise(task: str) -> dict[str, Any]:
         per = {s: arm_values(task, runs, arm, s) for s in cfg["splits"]}
         if not per["val"]:
             continue
-        entry: dict[str, Any] = {"one_run": arm != "dedicated", "seeds": sorted(per["val"])}
+        entry: dict[str, Any] = {"one_run": arm != "dedicated" and not arm.endswith("+heal"),  # heal: a run per rank
+                                 "seeds": sorted(per["val"])}
         for split in cfg["splits"]:
             key = SPLIT_KEY.get(split, split)
             entry[key] = {}

@@ -118,6 +118,25 @@ def test_svd_arm_equals_dense_top_b_svd_of_each_delta(task, rslora):
         assert torch.equal(layer.lora_B[name].weight, before[n][1])
 
 
+def test_a_healed_cut_starts_as_the_cut_in_its_own_rank_b_adapter(task):
+    """`train(init=cut_factors(...))` (the +heal arms) starts a fresh rank-b PEFT adapter from the
+    cut: with a vanishing LR it computes what `svd_at_rank` computes on the r_max adapter."""
+    torch.manual_seed(0)
+    model = _student(task, 16, init_lora_weights=False).eval()
+    ids = task["eval_ids"][:4]
+    b = 3
+    with torch.no_grad(), planted.svd_at_rank(model, b):
+        want = model(input_ids=ids).logits
+    init = planted.cut_factors(model, b)
+    args = planted.parse_args(["run", "--batch", "2"])
+    healed, *_ = planted.train(task, args, 0, r=b, recipe=None, init=init, steps=1, lr=1e-12)
+    name, layers = _layers(healed)
+    assert all(layer.lora_A[name].weight.shape[0] == b for _, layer in layers)
+    with torch.no_grad():
+        got = healed(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_activation_aware_truncation_is_optimal_for_its_inputs():
     from qdylora.ranks import svd_truncate
 
