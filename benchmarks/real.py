@@ -598,7 +598,7 @@ def main(argv: list[str] | None = None) -> None:
     ro.add_argument("--force", action="store_true", help="measure methods already recorded again")
     ro.add_argument("--model", default=None)
     rep = sub.add_parser("report")
-    rep.add_argument("--chosen", default="dedicated,lora_rmax_prefix,lora_rmax_svd,lora_rmax_asvd,paper")
+    rep.add_argument("--chosen", default="dedicated,lora_rmax_prefix,lora_rmax_svd,lora_rmax_asvd,lora_rmax_fsvd,lora_rmax_svd+heal,paper")
     args = p.parse_args(argv)
     if args.command == "run":
         for r in args.runs:
