@@ -102,7 +102,7 @@ class SweepResult:
     def to_dict(self, samples: bool = True) -> dict[str, Any]:
         """JSON-ready dict; `samples=False` leaves out the generated answers (for qdylora_config.json).
 
-        `results` (prefix's when measured) and `recommended_rank` keep their old meaning, so
+        `results` (the run's own reading's when measured, see `run_sweep`) and `recommended_rank` keep their old meaning, so
         readers from before methods existed still read the file.
         """
         out = {

@@ -164,6 +164,7 @@ def test_plain_adapter_sweep_generate_and_export_recommended_with_svd(export_bas
     assert not (src / "qdylora_config.json").exists()
     sweep = json.loads((src / "rank_sweep.json").read_text())
     assert list(sweep["methods"]) == ["svd", "prefix"] and sorted(sweep["methods"]["svd"]) == ["1", "4", "8"]
+    assert sweep["method"] == "svd" and sweep["results"] == sweep["methods"]["svd"]  # its own reading first
     info = cli("info", src)
     assert info.exit_code == 0 and "not trained with qdylora" in info.output and "1..8" in info.output
     assert "AURAC" in info.output  # the sweep, read from rank_sweep.json

@@ -226,7 +226,8 @@ def test_preset_plain_is_plain_lora_training_read_by_svd(tiny_llama, datasets_, 
     assert files.default_method == "svd"
     with pytest.raises(InputError, match="trained at its full rank only"):  # its prefix cut: never measured
         check_adapter(tmp_path / "unswept", methods=["prefix"])
-    ours.evaluate_ranks()
+    returned = ours.evaluate_ranks()
+    assert ours.rank_sweep.method == "svd" and returned == ours.rank_sweep.by_method["svd"]  # the run's reading
     assert config.sweep_methods == ["svd", "prefix"] and QDyLoraConfig().resolve(8, 0).sweep_methods == ["prefix"]
     assert ours.rank_sweep.methods == ["svd", "prefix"]
     assert ours.rank_sweep.by_method["svd"] != ours.rank_sweep.by_method["prefix"]  # two readings, measured apart

@@ -37,7 +37,8 @@ def run_sweep(
     the same with every layer's delta SVD-truncated to b (`DynamicRank.svd_scope`, logged
     `eval_svd_r{b}_*`). Refinement measures the ranks around the best (rank, method)
     under every method. The result's `results` (what readers from before methods read)
-    are prefix's when prefix was measured, else the first method's. With `sample_prompts`,
+    are the run's own reading's (`default_method`: svd for a run that trained r_max only)
+    when measured, else prefix's, else the first method's. With `sample_prompts`,
     also answer them at every measured rank under that same method (`generate_across_ranks`
     with `sample_kwargs`, using the trainer's `processing_class` as tokenizer).
     """
@@ -45,7 +46,7 @@ def run_sweep(
     ranks = sorted(set(ranks))
     config.check_ranks(ranks)
     methods = check_methods(methods or config.sweep_methods)
-    primary = "prefix" if "prefix" in methods else methods[0]
+    primary = next(m for m in (config.default_method, "prefix", methods[0]) if m in methods)
     sample_prompts = list(sample_prompts or [])
     if sample_prompts and getattr(trainer, "processing_class", None) is None:
         raise InputError("sample_prompts need a tokenizer: pass processing_class=tokenizer to the trainer")

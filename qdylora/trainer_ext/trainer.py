@@ -158,8 +158,8 @@ class QDyLoraMixin:
         answers are in `self.rank_sweep.samples` and rank_sweep.json.
 
         `methods` (default: the config's `sweep_methods`): "prefix" (the rank-b slice QDyLoRA trains) and/or "svd" (each layer's
-        delta SVD-truncated to b, logged as `eval_svd_r{rank}_*`). The returned dict is
-        prefix's when measured (else the first method's), every method's is in
+        delta SVD-truncated to b, logged as `eval_svd_r{rank}_*`). The returned dict is the
+        run's own reading's (`default_method`) when measured (else prefix's, else the first method's), every method's is in
         `self.rank_sweep.by_method`, and the recommendation is a (rank, method) over all.
         """
         self.rank_sweep = run_sweep(
