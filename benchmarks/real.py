@@ -319,8 +319,13 @@ def main_readout(args: argparse.Namespace) -> None:
     bad = sorted(set(methods) - set(METHODS))
     if bad:
         sys.exit(f"unknown readout method(s) {bad}; choose from {list(METHODS)}")
+    seeds = [int(x) for x in args.seeds.split(",")]
+    for seed in seeds:  # before loading anything
+        path = RUNS / args.task / f"{args.run}-s{seed}.json"
+        if not path.is_file():
+            sys.exit(f"{path} does not exist: measure the run first (real.py run {args.task} {args.run} --seeds {seed})")
     ctx = context(args)
-    for seed in [int(x) for x in args.seeds.split(",")]:
+    for seed in seeds:
         path = RUNS / args.task / f"{args.run}-s{seed}.json"
         rec = json.loads(path.read_text())
         todo = [m for m in methods if args.force or m not in rec["readouts"]]
