@@ -72,7 +72,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from paper_table import GSM8K_DIR, TEMPLATE, answer_loss  # noqa: E402
-from planted import batch_covariances, output_fishers, svd_at_rank, whitening  # noqa: E402  (one activation-aware SVD for both yardsticks)
+from planted import batch_covariances, cut_factors, output_fishers, svd_at_rank, whitening  # noqa: E402  (one activation-aware SVD for both yardsticks)
 
 import qdylora  # noqa: E402
 from qdylora import QDyLoraConfig, QDyLoraTrainer, load_model, rank_scope  # noqa: E402
@@ -185,13 +185,10 @@ def healed(model: Any, task: str, b: int, seed: int, ctx: dict[str, Any]) -> tup
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    from qdylora.ranks import DynamicRank, lora_layers, lora_scale, svd_truncate
+    from qdylora.ranks import DynamicRank, lora_layers
 
     cfg = TASKS[task]
-    dr = DynamicRank.of(model)
-    cut = {n: svd_truncate(layer.lora_A[dr.adapter_name].weight, layer.lora_B[dr.adapter_name].weight,
-                           layer.scaling[dr.adapter_name], b, lora_scale(ALPHA, b, False))
-           for n, layer in lora_layers(dr.model, dr.adapter_name)}
+    cut = cut_factors(model, b)  # planted.py's svd cut, PEFT's rank-b scaling folded in
     student = get_peft_model(load_model(ctx["model"]), LoraConfig(task_type="CAUSAL_LM", r=b, lora_alpha=ALPHA,
                                                                   lora_dropout=0.0, target_modules="all-linear"))
     ds = DynamicRank.of(student)
