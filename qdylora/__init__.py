@@ -19,6 +19,7 @@ _LAZY = {
     "QDyLoraConfig": ".config",
     "SweepSettings": ".config",
     "ExportSettings": ".config",
+    "HealSettings": ".config",
     "InputError": ".errors",
     "SweepResult": ".sweep_result",
     "generate_across_ranks": ".generation",
@@ -34,7 +35,7 @@ _LAZY = {
 __all__ = sorted(_LAZY) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from .config import ExportSettings, QDyLoraConfig, SweepSettings
+    from .config import ExportSettings, HealSettings, QDyLoraConfig, SweepSettings
     from .errors import InputError
     from .generation import generate_across_ranks
     from .loading import load_model

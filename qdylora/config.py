@@ -1,5 +1,6 @@
 """The settings lists: `QDyLoraConfig` (how a run draws and trains ranks), `SweepSettings`
-(what is measured after training) and `ExportSettings` (which ranks are shipped).
+(what is measured after training), `ExportSettings` (which ranks are shipped) and
+`HealSettings` (how a shipped rank's cut is trained alone briefly, `qdylora heal`).
 
 Each is a dataclass whose fields carry their help text (`metadata["help"]`) and `Literal`
 choices; `check_fields` validates any of them in one loop. Everything else derives from
@@ -321,6 +322,33 @@ class SampleSettings:
     def __post_init__(self) -> None:
         check_fields(self)
 
+
+
+@dataclass
+class HealSettings:
+    """Healing one rank of a trained adapter (`qdylora heal`, `workflow.heal`): its rank-b cut,
+    trained alone for a short while on the run's data. The defaults are the rule measured in
+    benchmarks/results/planted.md and real.md (a tenth of the steps at 0.3x the learning rate,
+    another data order): at or below the dedicated rank-b run on the planted yardstick at every
+    rank, within 2% of it on GSM8K, 0.90-0.94x at rank 1 on the demo task (validation)."""
+
+    method: Method | None = setting(
+        None, "How the rank-b cut is read before healing; unset: the adapter's own reading (svd for a plain "
+        "run, prefix for a QDyLoRA run; the sweep's method for 'recommended').",
+    )
+    steps: int | None = setting(None, "Healing steps; unset: steps_fraction x the run's training.max_steps.", min=1)
+    steps_fraction: float = setting(0.1, "Healing steps as a fraction of the run's training.max_steps.", min=0)
+    lr_factor: float = setting(
+        0.3, "Healing learning rate as a multiple of the run's training.learning_rate (constant, no warmup).", min=0,
+    )
+    seed_offset: int = setting(
+        100, "The healing run's seed (and data_seed) is the run's plus this, so it sees the data in another order.",
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.steps is None and self.steps_fraction <= 0:
+            raise InputError(f"steps_fraction must be > 0 (or give steps), got {self.steps_fraction!r}")
 
 def export_problem(export: ExportSettings, sweep: SweepSettings, has_eval: bool, key: dict[str, str],
                    default_methods: Sequence[str] = ("prefix",)) -> str | None:

@@ -5,6 +5,7 @@
     data: {path: train.jsonl, prompt_field: question, answer_field: answer, max_length: 512}
     eval_data: {path: val.jsonl}      # or eval_size: 0.05 to hold out part of `data`
     lora: {r: 64, lora_alpha: 16, target_modules: all-linear, lora_dropout: 0.05}
+    # or lora_model_dir: ./run/qdylora-exports/rank-4  # start from this PEFT adapter (Axolotl's key)
     qdylora: {r_min: 1, distribution: uniform}  # or {preset: balanced, ...}: QDyLoraConfig.preset
     training: {output_dir: out, max_steps: 1000, learning_rate: 2e-4, ...}  # TrainingArguments
     global_batch_size: 16             # optional: gradient_accumulation_steps = 16 / (processes x per-device batch)
@@ -14,7 +15,8 @@
 
 Each section IS a settings dataclass: `qdylora` = `QDyLoraConfig`, `sweep` = `SweepSettings`,
 `export` = `ExportSettings`, `samples` = `SampleSettings` (all in `qdylora.config`), `data` =
-`DataSpec`, `lora` = `peft.LoraConfig`, `training` = `transformers.TrainingArguments`; the
+`DataSpec`, `lora` = `peft.LoraConfig` (or `lora_model_dir`: train an existing PEFT LoRA adapter
+further, with its own r, alpha and targets, e.g. to heal a rank-b cut), `training` = `transformers.TrainingArguments`; the
 top-level keys are the fields of `Recipe`. Unknown keys anywhere are errors, so a typo never
 silently falls back to a default. The run itself is `qdylora.workflow.run(recipe)`.
 """
@@ -48,6 +50,7 @@ class Recipe:
     data: DataSpec
     lora: dict[str, Any]
     training: dict[str, Any]
+    lora_model_dir: str | None = None  # start from this PEFT LoRA adapter instead of a fresh `lora`
     qdylora: QDyLoraConfig = field(default_factory=QDyLoraConfig)
     eval_data: DataSpec | None = None
     eval_size: float | int | None = None
@@ -100,7 +103,8 @@ class Recipe:
         batch = raw.get("global_batch_size")
         if batch is not None and (not is_int(batch) or batch < 1):
             raise InputError(f"global_batch_size must be an integer >= 1, got {batch!r}")
-        lora = _checked_lora(raw.get("lora") or {})
+        lora_model_dir, start = _start_adapter(raw, base_dir)
+        lora = _checked_lora(raw.get("lora") or {}) if start is None else dict(start.peft_config)
         qdylora = _section("qdylora", lambda d: QDyLoraConfig.from_dict(d), raw)
         training = check_training_engine(_checked_training(raw["training"]), base_dir, batch)
         sweep = _section("sweep", lambda d: SweepSettings(**d), raw, SweepSettings)
@@ -108,7 +112,7 @@ class Recipe:
         samples = _section("samples", lambda d: SampleSettings(**_prompts(d, base_dir)), raw, SampleSettings) \
             if raw.get("samples") else None
         # the ranks of every section, against the adapter's r (= r_max)
-        resolved = qdylora.resolve(int(lora.get("r", DEFAULT_LORA["r"])), 0)
+        resolved = qdylora.resolve(int(lora.get("r", DEFAULT_LORA["r"])) if start is None else start.r_max, 0)
         for what, ranks in (("sweep.ranks", sweep.ranks), ("samples.ranks", samples and samples.ranks),
                             ("export.ranks", [r for r in export.ranks or [] if is_int(r)])):
             if ranks:
@@ -119,14 +123,16 @@ class Recipe:
         if problem:
             raise InputError(problem)
         if export.vllm and export.ranks and lora.get("modules_to_save"):
-            raise InputError(f"export.vllm: vLLM rejects adapters with modules_to_save, and lora.modules_to_save is "
+            where = "lora.modules_to_save" if start is None else f"modules_to_save of {lora_model_dir}"
+            raise InputError(f"export.vllm: vLLM rejects adapters with modules_to_save, and {where} is "
                              f"{lora['modules_to_save']}: drop one of the two")
         recipe = cls(
             model=_local(raw["model"], base_dir),
             data=_data_spec(raw["data"], "data", base_dir),
             eval_data=_data_spec(raw["eval_data"], "eval_data", base_dir) if raw.get("eval_data") else None,
             eval_size=eval_size,
-            lora=lora,
+            lora=lora if start is None else {},
+            lora_model_dir=lora_model_dir,
             qdylora=qdylora,
             training=training,
             load_in_4bit=bool(raw.get("load_in_4bit", True)),
@@ -170,6 +176,33 @@ def _local(value: str, base_dir: str | os.PathLike) -> str:
     if value.startswith(".") or (not Path(value).is_absolute() and candidate.exists()):
         return str(candidate)
     return value
+
+
+def _start_adapter(raw: dict[str, Any], base_dir: str | os.PathLike):
+    """`lora_model_dir`: (its path, its checked `AdapterFiles`), or (None, None) without one.
+
+    As in Axolotl, training starts from that adapter's weights and its adapter_config.json
+    sets r, lora_alpha and the target modules, so a `lora:` section beside it is refused
+    rather than silently ignored. The folder is checked here (complete, LoRA, not DoRA;
+    header only, no tensor read); the base's layer shapes are checked before the model loads.
+    """
+    from .adapter_io import check_adapter
+
+    value = raw.get("lora_model_dir")
+    if value is None:
+        return None, None
+    if not isinstance(value, str) or not value:
+        raise InputError(f"'lora_model_dir' must be a PEFT LoRA adapter folder, got {value!r}")
+    if raw.get("lora"):
+        raise InputError(
+            "give either 'lora' (a new adapter) or 'lora_model_dir' (train an existing one), not both: the adapter "
+            f"in {value} brings its own r, lora_alpha and target_modules (its adapter_config.json)"
+        )
+    path = _local(value, base_dir)
+    try:
+        return path, check_adapter(path)
+    except InputError as exc:
+        raise InputError(f"lora_model_dir: {exc}") from exc
 
 
 def _data_spec(raw: Any, key: str, base_dir: str | os.PathLike) -> DataSpec:

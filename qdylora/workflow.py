@@ -3,7 +3,8 @@
 `run(recipe)` is `qdylora train CONFIG.yaml` and `qdylora demo` (the demo is a `Recipe`).
 The Axolotl plugin trains with Axolotl's own loop and calls the same steps after it:
 `sweep`, `record` and `export`, then logs `report`. `sweep_adapter` measures a saved
-adapter folder (`qdylora sweep`).
+adapter folder (`qdylora sweep`). `heal(recipe, rank, out)` (`qdylora heal`) trains one
+rank's cut of a finished run alone for a short while: the same `run`, started from the cut.
 
 Everything that can be checked is checked before the model loads, the adapter is saved
 BEFORE the sweep (nothing after training can lose it), and a run refused before training
@@ -12,6 +13,7 @@ leaves no output folder behind.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Sequence
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ExportSettings, SweepSettings, check_methods
+from .config import ExportSettings, HealSettings, QDyLoraConfig, SweepSettings, check_methods
 from .errors import InputError, check_creatable, is_int
 from .recipe import Recipe
 from .sweep_result import SweepResult, save_sweep
@@ -62,6 +64,98 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> Run
     return RunResult(out, trainer, result, exports, vllm=recipe.export.vllm)
 
 
+HEAL_INFO = "qdylora_heal.json"  # beside a healed adapter: where it came from and how it was healed
+
+
+@dataclass
+class HealResult:
+    """A healed rank: the folder, the cut it started from, and both measurements when known."""
+
+    adapter_dir: Path
+    info: dict[str, Any]
+
+    def report(self) -> list[str]:
+        i = self.info
+        before, after, metric = i.get("cut_" + i["metric"]), i.get("healed_" + i["metric"]), i["metric"]
+        lines = [f"rank {i['rank']} ({i['method']} cut of {i['source']}) healed for {i['steps']} steps at learning "
+                 f"rate {i['learning_rate']:g} -> {self.adapter_dir}"]
+        if after is not None:
+            was = f"{before:.4f} as cut (the run's sweep) -> " if before is not None else ""
+            lines.append(f"{metric} at rank {i['rank']}: {was}{after:.4f} healed")
+        return lines
+
+
+def heal(recipe: Recipe, rank: int | str, out: str | os.PathLike, settings: HealSettings | None = None, *,
+         adapter_dir: str | os.PathLike | None = None, overwrite: bool = False) -> HealResult:
+    """Train rank `rank` of the run `recipe` describes alone, briefly, on the same data: the
+    run's rank-b cut (`settings.method`) exported, then `run` on a copy of the recipe that
+    starts from it (`lora_model_dir`), trains every step at rank b (preset plain) for
+    `settings.steps` (or steps_fraction x max_steps) at lr_factor x its learning rate,
+    constant, with seed + seed_offset, and measures rank b on the recipe's eval data.
+
+    `adapter_dir` is the run's adapter (default: the recipe's training.output_dir); `rank` an
+    integer or "recommended" (the run's sweep's pick, with its method). `out` receives a
+    standard PEFT LoRA adapter of rank b (+ qdylora_config.json, qdylora_heal.json); it is
+    written to a temporary folder and renamed into place, refused if it exists (unless
+    `overwrite`) or is the run or the base being read.
+
+    Why: on every task we measured, the cut of one plain r_max run, healed this way, is as
+    good as a run trained for that rank (benchmarks/results/planted.md, real.md) at a tenth of
+    a run; an unhealed cut trails the dedicated run at low ranks.
+    """
+    import dataclasses
+
+    from .distributed import world_size
+    from .exporters import export_adapter
+    from .exporters.source import SourceAdapter
+    from .exporters.staging import staged_output
+
+    settings = settings or HealSettings()
+    if world_size() > 1:
+        raise InputError("qdylora heal runs in one process; to heal on several, export the cut and train it with "
+                         "`lora_model_dir:` in a train YAML under accelerate launch")
+    source_dir = Path(adapter_dir if adapter_dir is not None else recipe.training["output_dir"])
+    source = SourceAdapter.open(source_dir, method=settings.method)
+    b, method = source.resolve(rank, settings.method)
+    training = dict(recipe.training)
+    steps = settings.steps
+    if steps is None:
+        run_steps = int(training.get("max_steps", -1))
+        if run_steps <= 0:
+            raise InputError("the recipe's training has no max_steps to take a fraction of; give the healing steps "
+                             "(--steps N)")
+        steps = max(1, round(run_steps * settings.steps_fraction))
+    learning_rate = float(training.get("learning_rate", 5e-5)) * settings.lr_factor  # 5e-5: TrainingArguments'
+    seed = int(training.get("seed", 42)) + settings.seed_offset
+    for key in ("warmup_ratio", "warmup_steps", "num_train_epochs", "resume_from_checkpoint"):
+        training.pop(key, None)
+    training.update(max_steps=steps, learning_rate=learning_rate, lr_scheduler_type="constant", seed=seed,
+                    save_strategy="no")
+    if "data_seed" in training:
+        training["data_seed"] = int(training["data_seed"]) + settings.seed_offset
+    sweep_settings = SweepSettings(enabled=recipe.sweep.enabled, ranks=[b], methods=["svd"])  # rank b = its r_max
+    with staged_output(out, overwrite=overwrite, protect=[source_dir, recipe.model]) as tmp, \
+            tempfile.TemporaryDirectory(prefix="qdylora-cut-") as scratch:
+        cut = export_adapter(source_dir, Path(scratch) / "cut", b, method=method)
+        healing = dataclasses.replace(
+            recipe, lora={}, lora_model_dir=str(cut), qdylora=QDyLoraConfig.preset("plain"),
+            training={**training, "output_dir": str(tmp)}, sweep=sweep_settings, export=ExportSettings(),
+            samples=dataclasses.replace(recipe.samples, ranks=[b]) if recipe.samples else None,
+        )
+        healing.training_args()  # TrainingArguments' own checks, before the model loads
+        result = run(healing, overwrite=True)
+        recorded = source.sweep()
+        metric = (result.sweep or recorded).metric if (result.sweep or recorded) else "eval_loss"
+        cut_value = (recorded.by_method.get(method, {}).get(b, {}).get(metric) if recorded else None)
+        healed_value = result.sweep.results.get(b, {}).get(metric) if result.sweep else None
+        info = {"source": str(source_dir.resolve()), "rank": b, "method": method, "steps": steps,
+                "learning_rate": learning_rate, "lr_scheduler_type": "constant", "seed": seed,
+                "settings": dataclasses.asdict(settings), "metric": metric,
+                "cut_" + metric: cut_value, "healed_" + metric: healed_value}
+        (tmp / HEAL_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    return HealResult(Path(out), info)
+
+
 def check_output_dir(out: Path, *, overwrite: bool, resume: bool) -> str | None:
     """Refuse an unusable output_dir; with `resume`, return the checkpoint to resume from (checked)."""
     from .adapter_io import WEIGHTS_NAME, tensor_shapes
@@ -88,7 +182,7 @@ def check_output_dir(out: Path, *, overwrite: bool, resume: bool) -> str | None:
 
 def build(recipe: Recipe):
     """The trainer a recipe describes: data read and tokenized, model loaded (4-bit), LoRA on, seeded."""
-    from peft import get_peft_model
+    from peft import PeftModel, get_peft_model
     from transformers import enable_full_determinism, set_seed
 
     from .data import collator, load_records, load_tokenizer, resolve_fields, tokenize
@@ -97,6 +191,8 @@ def build(recipe: Recipe):
 
     # cheap checks of the inputs first: model folder, data and its fields
     check_model_folder(recipe.model, recipe.trust_remote_code)
+    if recipe.lora_model_dir is not None:
+        check_start_adapter(recipe)
     records = load_records(recipe.data)
     if len(records) == 0:
         raise InputError(f"{recipe.data.path} holds no records")
@@ -129,7 +225,11 @@ def build(recipe: Recipe):
         enable_full_determinism(args.seed)
     else:
         set_seed(args.seed)
-    model = get_peft_model(model, recipe.lora_config())
+    if recipe.lora_model_dir is None:
+        model = get_peft_model(model, recipe.lora_config())
+    else:  # Axolotl's lora_model_dir: train that adapter further (its r, alpha, targets, weights)
+        model = PeftModel.from_pretrained(model, recipe.lora_model_dir, is_trainable=True)
+        model.peft_config["default"].base_model_name_or_path = recipe.model  # as get_peft_model records it
     trainer = QDyLoraTrainer(
         model=model,
         args=args,
@@ -145,6 +245,23 @@ def build(recipe: Recipe):
             template=recipe.data.template, chat_template=False,
         ))
     return trainer
+
+
+def check_start_adapter(recipe: Recipe) -> None:
+    """Refuse a `lora_model_dir` adapter made for another model before the model loads (PEFT
+    would fail on the first mismatched tensor with a traceback, after loading the base): every
+    layer it adapts must exist in `recipe.model` with the shape its lora_A/lora_B need."""
+    import torch
+    from transformers import AutoConfig
+
+    from .exporters.source import SourceAdapter, layer_shape_problem
+    from .loading import skeleton
+
+    source = SourceAdapter.open(recipe.lora_model_dir, method="svd")  # svd: read as it is, no prefix check
+    config = AutoConfig.from_pretrained(recipe.model, trust_remote_code=recipe.trust_remote_code)
+    problem = layer_shape_problem(source, skeleton(config, torch.float32, recipe.trust_remote_code), recipe.model)
+    if problem:
+        raise InputError(f"lora_model_dir: {problem}; point it at an adapter trained on {recipe.model}")
 
 
 def train_from(trainer: Any, checkpoint: str | None) -> None:

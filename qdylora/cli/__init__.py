@@ -38,12 +38,13 @@ def _register() -> None:
     from .demo import demo
     from .export import export
     from .generate import generate
+    from .heal import heal
     from .info import info
     from .plan import plan
     from .sweep import sweep
     from .train import train
 
-    for command in (train, sweep, info, export, generate, demo, plan):
+    for command in (train, sweep, info, export, generate, heal, demo, plan):
         main.add_command(command)
 
 

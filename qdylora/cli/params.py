@@ -91,3 +91,24 @@ def data_options(fn: Callable) -> Callable:
     ):
         fn = opt(fn)
     return fn
+
+
+def settings_options(cls: type) -> Callable:
+    """One option per field of a settings dataclass (`--steps-fraction` for `steps_fraction`), its
+    help from the field; unset options are left out, so the dataclass's defaults and checks
+    (one line each) apply. A new field is a new option."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+
+    def decorate(fn: Callable) -> Callable:
+        for f in reversed(dataclasses.fields(cls)):
+            kinds = set(typing.get_args(hints[f.name])) or {hints[f.name]}
+            kind = click.INT if kinds <= {int, type(None)} else click.FLOAT if kinds <= {float, int} else None
+            default = "" if f.default is None else f" [default: {f.default}]"
+            fn = click.option(f"--{f.name.replace('_', '-')}", f.name, type=kind, default=None,
+                              help=f.metadata["help"] + default)(fn)
+        return fn
+
+    return decorate

@@ -296,3 +296,20 @@ def resolve_base(name: str | os.PathLike | None) -> Path:
             f"base model {name} is neither a local folder nor in the Hugging Face cache; "
             f"download it first (hf download {name}) or pass --base MODEL_DIR"
         ) from exc
+
+
+def layer_shape_problem(source: SourceAdapter, model: torch.nn.Module, base: str | os.PathLike) -> str | None:
+    """What is wrong between `source`'s LoRA pairs and the layers they adapt in `model` (a meta
+    skeleton is enough: only shapes are read), or None: a layer `model` lacks, or one whose
+    weight has another shape than lora_A/lora_B need (`base_weight_shape`). `base` names the
+    model in the message. One rule for vLLM exports and for training an existing adapter."""
+    layers = dict(model.named_modules())
+    for module in source.modules:
+        weight = getattr(layers.get(module.name), "weight", None)
+        if weight is None:
+            return f"{source.path} adapts {module.name}, which the base {base} does not have: it was trained on another model"
+        need = source.base_weight_shape(module)
+        if tuple(weight.shape) != need:
+            return (f"{source.path} needs {module.name}.weight of shape {need} but the base {base} has "
+                    f"{tuple(weight.shape)}: it was trained on another model size")
+    return None

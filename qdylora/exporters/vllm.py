@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from .source import RankPair, SourceAdapter, lora_scale, resolve_base
+from .source import RankPair, SourceAdapter, layer_shape_problem, lora_scale, resolve_base
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
 _SUPPORTED_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")  # string inits that leave W alone
@@ -166,21 +166,9 @@ def check_base_shapes(source: SourceAdapter) -> tuple[str | None, str | None]:
             model = AutoModelForCausalLM.from_config(config)
     except Exception as exc:  # an architecture this transformers cannot build: nothing to compare with
         return None, f"{folder / 'config.json'} cannot be instantiated here ({type(exc).__name__}: {exc})"
-    layers = dict(model.named_modules())
-    for module in source.modules:
-        layer = layers.get(module.name)
-        weight = getattr(layer, "weight", None)
-        if weight is None:
-            raise InputError(
-                f"{source.path} adapts {module.name}, which the base {folder} does not have: the adapter was "
-                "trained on another model, and vLLM would load it anyway"
-            )
-        need = source.base_weight_shape(module)
-        if tuple(weight.shape) != need:
-            raise InputError(
-                f"{source.path} needs {module.name}.weight of shape {need} but the base {folder} has "
-                f"{tuple(weight.shape)}: the adapter was trained on another model size, and vLLM would load it silently"
-            )
+    problem = layer_shape_problem(source, model, folder)
+    if problem:
+        raise InputError(f"{problem}, and vLLM would load it anyway")
     return str((folder / "config.json").resolve()), None
 
 

@@ -1,0 +1,171 @@
+"""Healing a rank of one run: `lora_model_dir:` in the train YAML (Axolotl's key: train an existing
+PEFT LoRA adapter further) and `qdylora heal`, which exports the rank-b cut and trains it that way
+(benchmarks/results/planted.md: a healed cut matches a run trained for that rank)."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from qdylora.cli import main
+
+
+def _yaml(tmp_path, name, model_dir, data, out, **extra):
+    cfg = {
+        "model": str(model_dir),
+        "data": {"path": str(data[0]), "max_length": 48},
+        "eval_data": {"path": str(data[1]), "max_length": 48},
+        "qdylora": {"preset": "plain"},
+        "training": {"output_dir": str(out), "max_steps": 6, "per_device_train_batch_size": 4,
+                     "learning_rate": 0.01, "logging_steps": 2, "disable_tqdm": True},
+    }
+    cfg.update(extra)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _tree(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _invoke(args):
+    return CliRunner().invoke(main, args)
+
+
+@pytest.fixture(scope="module")
+def cut(tmp_path_factory, tiny_llama, arithmetic_data):
+    """One plain r8 run, its rank-2 svd cut exported after the sweep: (cut folder, recorded sweep)."""
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = _yaml(tmp, "run.yaml", tiny_llama, arithmetic_data, tmp / "run",
+                lora={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+                sweep={"ranks": [1, 2, 8], "methods": ["svd"]}, export={"ranks": [2], "method": "svd"})
+    res = _invoke(["train", str(cfg)])
+    assert res.exit_code == 0, res.output
+    sweep = json.loads((tmp / "run" / "qdylora_config.json").read_text())["sweep"]
+    return tmp / "run" / "qdylora-exports" / "rank-2", sweep, cfg
+
+
+def test_training_starts_from_the_adapter_in_lora_model_dir(cut, tiny_llama, arithmetic_data, tmp_path):
+    """At learning rate 0 the trained adapter IS the cut (a fresh adapter would have lora_B = 0 and
+    new random lora_A); with a learning rate it moves, keeps the cut's rank and targets, records
+    this run's base, and heals: its rank-2 eval loss ends below the cut's (the run's svd sweep)."""
+    folder, sweep, _ = cut
+    start = load_file(folder / "adapter_model.safetensors")
+    frozen = _yaml(tmp_path, "a.yaml", tiny_llama, arithmetic_data, tmp_path / "frozen", lora_model_dir=str(folder),
+                   training={"output_dir": str(tmp_path / "frozen"), "max_steps": 2, "learning_rate": 0.0,
+                             "per_device_train_batch_size": 4, "disable_tqdm": True}, sweep={"enabled": False})
+    res = _invoke(["train", str(frozen)])
+    assert res.exit_code == 0, res.output
+    got = load_file(tmp_path / "frozen" / "adapter_model.safetensors")
+    assert got.keys() == start.keys() and len(got) > 0
+    assert all(torch.equal(got[k], start[k]) for k in start)
+
+    healed = _yaml(tmp_path, "b.yaml", tiny_llama, arithmetic_data, tmp_path / "healed", lora_model_dir=str(folder),
+                   sweep={"ranks": [1, 2]})
+    res = _invoke(["train", str(healed)])
+    assert res.exit_code == 0, res.output
+    config = json.loads((tmp_path / "healed" / "adapter_config.json").read_text())
+    source = json.loads((folder / "adapter_config.json").read_text())
+    assert config["r"] == 2 and config["lora_alpha"] == source["lora_alpha"]
+    assert sorted(config["target_modules"]) == sorted(source["target_modules"])
+    assert config["base_model_name_or_path"] == str(tiny_llama) and config["inference_mode"] is True
+    moved = load_file(tmp_path / "healed" / "adapter_model.safetensors")
+    assert not all(torch.equal(moved[k], start[k]) for k in start)
+    after = json.loads((tmp_path / "healed" / "qdylora_config.json").read_text())
+    assert after["config"]["r_max"] == 2
+    metric = sweep["metric"]
+    assert after["sweep"]["results"]["2"][metric] < sweep["methods"]["svd"]["2"][metric]
+
+
+def test_bad_lora_model_dir_is_one_line_before_training(cut, tiny_llama, arithmetic_data, tmp_path):
+    from qdylora.testing import lora_model, make_tiny_model
+
+    folder, _, _ = cut
+
+    def fails(cfg, needle):
+        res = _invoke(["train", str(cfg)])
+        lines = res.output.strip().splitlines()
+        assert res.exit_code == 2 and len(lines) == 1 and needle in lines[0], res.output
+        assert not (tmp_path / "o").exists()  # refused before anything was written
+        return lines[0]
+
+    fails(_yaml(tmp_path, "c.yaml", tiny_llama, arithmetic_data, tmp_path / "o", lora_model_dir=str(folder),
+                lora={"r": 4}), "not both")
+    fails(_yaml(tmp_path, "c.yaml", tiny_llama, arithmetic_data, tmp_path / "o",
+                lora_model_dir=str(tmp_path / "nope")), "lora_model_dir: adapter folder")
+    line = fails(_yaml(tmp_path, "c.yaml", tiny_llama, arithmetic_data, tmp_path / "o", lora_model_dir=str(folder),
+                       sweep={"ranks": [1, 4]}), "sweep.ranks")
+    assert "1..2" in line
+    # an adapter made for another model size: refused before the base loads, naming the layer's shape
+    wider = make_tiny_model(tmp_path / "wider", "llama", hidden=32)
+    other = tmp_path / "other"
+    lora_model(wider, r=2, load_in_4bit=False, seed=0).save_pretrained(other)
+    line = fails(_yaml(tmp_path, "c.yaml", tiny_llama, arithmetic_data, tmp_path / "o", lora_model_dir=str(other)),
+                 "of shape")
+    assert line.startswith("Error: lora_model_dir:") and "another model size" in line and str(tiny_llama) in line
+
+
+def test_heal_is_the_cut_trained_with_lora_model_dir(cut, tiny_llama, arithmetic_data, tmp_path):
+    """`qdylora heal RUN.yaml --rank 2` = the rank-2 svd cut trained from `lora_model_dir` for a tenth of
+    the run's steps (at least one) at 0.3x its learning rate, constant, seed + 100: the same tensors, bit
+    for bit, as that YAML written by hand; the run is left as it was; both losses are reported."""
+    folder, sweep, cfg = cut
+    run_dir = folder.parent.parent
+    before = _tree(run_dir)
+    res = _invoke(["heal", str(cfg), "--rank", "2", "--out", str(tmp_path / "healed")])
+    assert res.exit_code == 0, res.output
+    info = json.loads((tmp_path / "healed" / "qdylora_heal.json").read_text())
+    assert (info["rank"], info["method"], info["steps"], info["seed"]) == (2, "svd", 1, 142)
+    assert info["learning_rate"] == pytest.approx(0.003) and info["source"] == str(run_dir.resolve())
+    metric = sweep["metric"]
+    assert info["cut_" + metric] == sweep["methods"]["svd"]["2"][metric]
+    assert f"{info['cut_' + metric]:.4f} as cut" in res.output and f"{info['healed_' + metric]:.4f} healed" in res.output
+    assert _tree(run_dir) == before
+
+    by_hand = _yaml(tmp_path, "h.yaml", tiny_llama, arithmetic_data, tmp_path / "by-hand", lora_model_dir=str(folder),
+                    training={"output_dir": str(tmp_path / "by-hand"), "max_steps": 1, "learning_rate": 0.003,
+                              "lr_scheduler_type": "constant", "seed": 142, "per_device_train_batch_size": 4,
+                              "logging_steps": 2, "disable_tqdm": True}, sweep={"ranks": [2], "methods": ["svd"]})
+    assert _invoke(["train", str(by_hand)]).exit_code == 0
+    want = load_file(tmp_path / "by-hand" / "adapter_model.safetensors")
+    got = load_file(tmp_path / "healed" / "adapter_model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert not all(torch.equal(got[k], load_file(folder / "adapter_model.safetensors")[k]) for k in want)
+    stored = json.loads((tmp_path / "healed" / "qdylora_config.json").read_text())
+    assert stored["config"]["ranks"] == [2] and stored["sweep"]["results"]["2"][metric] == info["healed_" + metric]
+
+
+def test_heal_refuses_bad_input_before_training_and_never_touches_the_run(cut, tmp_path):
+    folder, _, cfg = cut
+    run_dir = folder.parent.parent
+    before = _tree(run_dir)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    no_steps = yaml.safe_load(cfg.read_text())
+    del no_steps["training"]["max_steps"]
+    (tmp_path / "epochs.yaml").write_text(yaml.safe_dump(no_steps))
+    cases = [
+        (["--rank", "2", "--out", str(run_dir), "--overwrite"], "run_dir"),
+        (["--rank", "2", "--out", str(run_dir / ".." / run_dir.name), "--overwrite"], "run_dir"),
+        (["--rank", "2", "--out", str(tmp_path / "taken")], "already exists"),
+        (["--rank", "9", "--out", str(tmp_path / "o")], "outside the trained range 1..8"),
+        (["--rank", "2", "--out", str(tmp_path / "o"), "--steps", "0"], "steps must be an integer >= 1"),
+        (["--rank", "2", "--out", str(tmp_path / "o"), "--method", "pca"], "choose one of prefix, svd"),
+        (["--rank", "2", "--out", str(tmp_path / "o"), "--method", "prefix"], "never measured"),
+        (["--rank", "2", "--out", str(tmp_path / "o"), "--adapter", str(tmp_path / "none")], "does not exist"),
+    ]
+    for args, needle in cases:
+        res = _invoke(["heal", str(cfg), *args])
+        lines = res.output.strip().splitlines()
+        if needle == "run_dir":
+            needle = "lies inside the input"
+        assert res.exit_code == 2 and len(lines) == 1, (args, res.output)
+        assert needle in lines[0], (args, lines[0])
+    res = _invoke(["heal", str(tmp_path / "epochs.yaml"), "--rank", "2", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "no max_steps" in res.output and "--steps" in res.output, res.output
+    assert not (tmp_path / "o").exists() and (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+    assert _tree(run_dir) == before
