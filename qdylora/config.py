@@ -323,7 +323,6 @@ class SampleSettings:
         check_fields(self)
 
 
-
 @dataclass
 class HealSettings:
     """Healing one rank of a trained adapter (`qdylora heal`, `workflow.heal`): its rank-b cut,
@@ -349,6 +348,7 @@ class HealSettings:
         check_fields(self)
         if self.steps is None and self.steps_fraction <= 0:
             raise InputError(f"steps_fraction must be > 0 (or give steps), got {self.steps_fraction!r}")
+
 
 def export_problem(export: ExportSettings, sweep: SweepSettings, has_eval: bool, key: dict[str, str],
                    default_methods: Sequence[str] = ("prefix",)) -> str | None:
