@@ -91,6 +91,32 @@ class AdapterFiles:
         """The rank sweep recorded for this adapter (`recorded_sweep`), or None."""
         return recorded_sweep(self.path, self.qdylora)
 
+    def base_weight_shape(self, module: LoraModule) -> tuple[int, int]:
+        """The shape the base layer's weight must have for `module`'s lora_A/lora_B (from the header).
+
+        (out, in) for nn.Linear; (in, out) for an embedding (lora_embedding_A is r x vocab)
+        and for fan_in_fan_out layers (GPT-2's Conv1D).
+        """
+        out_f, in_f = self.shapes[module.b_key][0], self.shapes[module.a_key][1]
+        transposed = module.embedding or bool(self.peft_config.get("fan_in_fan_out"))
+        return (in_f, out_f) if transposed else (out_f, in_f)
+
+    def layer_shape_problem(self, model: Any, base: str | os.PathLike) -> str | None:
+        """What is wrong between these LoRA pairs and the layers they adapt in `model` (a meta
+        skeleton is enough: only shapes are read), or None: a layer `model` lacks, or one whose
+        weight has another shape than lora_A/lora_B need (`base_weight_shape`). `base` names the
+        model in the message. One rule for vLLM exports and for training an existing adapter."""
+        layers = dict(model.named_modules())
+        for module in self.modules:
+            weight = getattr(layers.get(module.name), "weight", None)
+            if weight is None:
+                return f"{self.path} adapts {module.name}, which the base {base} does not have: it was trained on another model"
+            need = self.base_weight_shape(module)
+            if tuple(weight.shape) != need:
+                return (f"{self.path} needs {module.name}.weight of shape {need} but the base {base} has "
+                        f"{tuple(weight.shape)}: it was trained on another model size")
+        return None
+
 
 def recorded_sweep(path: str | os.PathLike, qdylora: dict[str, Any] | None) -> SweepResult | None:
     """The rank sweep recorded for an adapter: in its qdylora_config.json, or for a plain LoRA

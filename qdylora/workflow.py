@@ -250,16 +250,17 @@ def build(recipe: Recipe):
 def check_start_adapter(recipe: Recipe) -> None:
     """Refuse a `lora_model_dir` adapter made for another model before the model loads (PEFT
     would fail on the first mismatched tensor with a traceback, after loading the base): every
-    layer it adapts must exist in `recipe.model` with the shape its lora_A/lora_B need."""
+    layer it adapts must exist in `recipe.model` with the shape its lora_A/lora_B need. Reads
+    the adapter's header and the base's config only: no tensor of either is loaded."""
     import torch
     from transformers import AutoConfig
 
-    from .exporters.source import SourceAdapter, layer_shape_problem
+    from .adapter_io import check_adapter
     from .loading import skeleton
 
-    source = SourceAdapter.open(recipe.lora_model_dir, method="svd")  # svd: read as it is, no prefix check
+    files = check_adapter(recipe.lora_model_dir)
     config = AutoConfig.from_pretrained(recipe.model, trust_remote_code=recipe.trust_remote_code)
-    problem = layer_shape_problem(source, skeleton(config, torch.float32, recipe.trust_remote_code), recipe.model)
+    problem = files.layer_shape_problem(skeleton(config, torch.float32, recipe.trust_remote_code), recipe.model)
     if problem:
         raise InputError(f"lora_model_dir: {problem}; point it at an adapter trained on {recipe.model}")
 

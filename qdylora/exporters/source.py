@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..adapter_io import PEFT_PREFIX, WEIGHTS_NAME, LoraModule, check_adapter, read_safetensors, recorded_sweep, stored_config
+from ..adapter_io import PEFT_PREFIX, WEIGHTS_NAME, AdapterFiles, LoraModule, check_adapter, read_safetensors, recorded_sweep, stored_config
 from ..errors import InputError
 from ..ranks import check_method, lora_scale, svd_truncate
 
@@ -62,21 +62,15 @@ class RankPair:
 class SourceAdapter:
     """A checked adapter folder, its tensors in memory (adapters are small)."""
 
-    def __init__(
-        self,
-        path: Path,
-        peft_config: dict[str, Any],
-        qdylora: dict[str, Any] | None,
-        tensors: dict[str, torch.Tensor],
-        modules: list[LoraModule],
-    ) -> None:
-        self.path = path
-        self.peft_config = peft_config
-        self.qdylora = qdylora  # the whole qdylora_config.json; None for a plain (forced) adapter
+    def __init__(self, files: AdapterFiles, tensors: dict[str, torch.Tensor]) -> None:
+        self.files = files  # the checked folder: configs, header shapes, modules
+        self.path = files.path
+        self.peft_config = files.peft_config
+        self.qdylora = files.qdylora  # the whole qdylora_config.json; None for a plain (forced) adapter
         self.tensors = tensors
-        self.modules = modules
-        self.r_max = max(m.r for m in modules)
-        self.r_min = int(qdylora["config"].get("r_min", 1)) if qdylora else 1
+        self.modules = files.modules
+        self.r_max = files.r_max
+        self.r_min = files.r_min
 
     # -- reading ------------------------------------------------------------------------
     @classmethod
@@ -92,7 +86,7 @@ class SourceAdapter:
             check_method(method)
         files = check_adapter(adapter_dir, force=force, methods=[method] if method else None)
         tensors = read_safetensors(files.path / WEIGHTS_NAME)
-        return cls(files.path, files.peft_config, files.qdylora, tensors, files.modules)
+        return cls(files, tensors)
 
     # -- what it is ---------------------------------------------------------------------
     @property
@@ -217,14 +211,8 @@ class SourceAdapter:
             yield RankPair(module=m, rank=b, a=a, b=bt, bias=bias, scale=scale)
 
     def base_weight_shape(self, module: LoraModule) -> tuple[int, int]:
-        """The shape the base layer's weight must have for `module`'s lora_A/lora_B.
-
-        (out, in) for nn.Linear; (in, out) for an embedding (lora_embedding_A is r x vocab)
-        and for fan_in_fan_out layers (GPT-2's Conv1D).
-        """
-        out_f, in_f = self.tensors[module.b_key].shape[0], self.tensors[module.a_key].shape[1]
-        transposed = module.embedding or bool(self.peft_config.get("fan_in_fan_out"))
-        return (in_f, out_f) if transposed else (out_f, in_f)
+        """The shape the base layer's weight must have (`AdapterFiles.base_weight_shape`)."""
+        return self.files.base_weight_shape(module)
 
     def rank_config(self, rank: int) -> dict[str, Any]:
         """adapter_config.json of the rank-b cut: r and rank_pattern capped at b, alphas kept."""
@@ -296,20 +284,3 @@ def resolve_base(name: str | os.PathLike | None) -> Path:
             f"base model {name} is neither a local folder nor in the Hugging Face cache; "
             f"download it first (hf download {name}) or pass --base MODEL_DIR"
         ) from exc
-
-
-def layer_shape_problem(source: SourceAdapter, model: torch.nn.Module, base: str | os.PathLike) -> str | None:
-    """What is wrong between `source`'s LoRA pairs and the layers they adapt in `model` (a meta
-    skeleton is enough: only shapes are read), or None: a layer `model` lacks, or one whose
-    weight has another shape than lora_A/lora_B need (`base_weight_shape`). `base` names the
-    model in the message. One rule for vLLM exports and for training an existing adapter."""
-    layers = dict(model.named_modules())
-    for module in source.modules:
-        weight = getattr(layers.get(module.name), "weight", None)
-        if weight is None:
-            return f"{source.path} adapts {module.name}, which the base {base} does not have: it was trained on another model"
-        need = source.base_weight_shape(module)
-        if tuple(weight.shape) != need:
-            return (f"{source.path} needs {module.name}.weight of shape {need} but the base {base} has "
-                    f"{tuple(weight.shape)}: it was trained on another model size")
-    return None

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from .source import RankPair, SourceAdapter, layer_shape_problem, lora_scale, resolve_base
+from .source import RankPair, SourceAdapter, lora_scale, resolve_base
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
 _SUPPORTED_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")  # string inits that leave W alone
@@ -166,7 +166,7 @@ def check_base_shapes(source: SourceAdapter) -> tuple[str | None, str | None]:
             model = AutoModelForCausalLM.from_config(config)
     except Exception as exc:  # an architecture this transformers cannot build: nothing to compare with
         return None, f"{folder / 'config.json'} cannot be instantiated here ({type(exc).__name__}: {exc})"
-    problem = layer_shape_problem(source, model, folder)
+    problem = source.files.layer_shape_problem(model, folder)
     if problem:
         raise InputError(f"{problem}, and vLLM would load it anyway")
     return str((folder / "config.json").resolve()), None
