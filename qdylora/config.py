@@ -325,12 +325,17 @@ class SampleSettings:
 
 @dataclass
 class HealSettings:
-    """Healing one rank of a trained adapter (`qdylora heal`, `workflow.heal`): its rank-b cut,
-    trained alone for a short while on the run's data. The defaults are the rule measured in
-    benchmarks/results/planted.md and real.md (a tenth of the steps at 0.3x the learning rate,
-    another data order): at or below the dedicated rank-b run on the planted yardstick at every
-    rank, within 2% of it on GSM8K, 0.90-0.94x at rank 1 on the demo task (validation)."""
+    """Healing one rank of a trained adapter (`qdylora heal`, `workflow.heal`; the train YAML's
+    `heal:` section, right after the run): its rank-b cut, trained alone for a short while on
+    the run's data. The defaults are the rule measured in benchmarks/results/planted.md and
+    real.md (a tenth of the steps at 0.3x the learning rate, another data order): at or below
+    the dedicated rank-b run on the planted yardstick at every rank, within 2% of it on GSM8K,
+    0.90-0.94x at rank 1 on the demo task (validation)."""
 
+    rank: int | Literal["recommended"] | None = setting(
+        None, "The rank to heal, or 'recommended' (the sweep's pick, with its method). The train YAML's heal: "
+        "section needs it and heals into <output_dir>/qdylora-healed/rank-<b>/; `qdylora heal` takes --rank.",
+    )
     method: Method | None = setting(
         None, "How the rank-b cut is read before healing; unset: the adapter's own reading (svd for a plain "
         "run, prefix for a QDyLoRA run; the sweep's method for 'recommended').",
@@ -346,6 +351,8 @@ class HealSettings:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if is_int(self.rank) and self.rank < 1:
+            raise InputError(f"rank must be an integer >= 1 or 'recommended', got {self.rank!r}")
         if self.steps is None and self.steps_fraction <= 0:
             raise InputError(f"steps_fraction must be > 0 (or give steps), got {self.steps_fraction!r}")
 

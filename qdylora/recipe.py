@@ -12,9 +12,10 @@
     sweep: {ranks: null, refine: false, tolerance: 0.01, methods: [prefix, svd]}  # after training
     export: {ranks: [8, recommended], method: svd, vllm: false}  # -> output_dir/qdylora-exports/rank-<b>
     samples: {prompts: [What is 3 plus 4?], ranks: [1, 8, 64], max_new_tokens: 64}  # logged at each eval
+    heal: {rank: recommended}         # after the sweep: that rank's cut trained alone briefly -> output_dir/qdylora-healed/rank-<b>
 
 Each section IS a settings dataclass: `qdylora` = `QDyLoraConfig`, `sweep` = `SweepSettings`,
-`export` = `ExportSettings`, `samples` = `SampleSettings` (all in `qdylora.config`), `data` =
+`export` = `ExportSettings`, `samples` = `SampleSettings`, `heal` = `HealSettings` (all in `qdylora.config`), `data` =
 `DataSpec`, `lora` = `peft.LoraConfig` (or `lora_model_dir`: train an existing PEFT LoRA adapter
 further, with its own r, alpha and targets, e.g. to heal a rank-b cut), `training` = `transformers.TrainingArguments`; the
 top-level keys are the fields of `Recipe`. Unknown keys anywhere are errors, so a typo never
@@ -32,14 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from .config import (
-    ExportSettings, QDyLoraConfig, SampleSettings, SweepSettings, check_keys, describe, export_problem,
+    ExportSettings, HealSettings, QDyLoraConfig, SampleSettings, SweepSettings, check_keys, describe, export_problem,
 )
 from .data import DataSpec
 from .distributed import accumulation_for, check_training_engine, world_size
 from .errors import InputError, first_line, is_int
 
 DEFAULT_LORA = {"task_type": "CAUSAL_LM", "r": 64, "lora_alpha": 16, "target_modules": "all-linear"}
-SECTIONS = ("lora", "qdylora", "training", "sweep", "export", "samples")
+SECTIONS = ("lora", "qdylora", "training", "sweep", "export", "samples", "heal")
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Recipe:
     sweep: SweepSettings = field(default_factory=SweepSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
     samples: SampleSettings | None = None
+    heal: HealSettings | None = None  # after the run: heal one rank into <output_dir>/qdylora-healed/rank-<b>/
     global_batch_size: int | None = None
 
     @classmethod
@@ -111,17 +113,21 @@ class Recipe:
         export = _section("export", lambda d: ExportSettings(**d), raw, ExportSettings)
         samples = _section("samples", lambda d: SampleSettings(**_prompts(d, base_dir)), raw, SampleSettings) \
             if raw.get("samples") else None
+        heal = _section("heal", lambda d: HealSettings(**d), raw, HealSettings) if raw.get("heal") is not None else None
         # the ranks of every section, against the adapter's r (= r_max)
         resolved = qdylora.resolve(int(lora.get("r", DEFAULT_LORA["r"])) if start is None else start.r_max, 0)
         for what, ranks in (("sweep.ranks", sweep.ranks), ("samples.ranks", samples and samples.ranks),
                             ("export.ranks", [r for r in export.ranks or [] if is_int(r)])):
             if ranks:
                 resolved.check_ranks(ranks, what=what)
-        problem = export_problem(export, sweep, bool(raw.get("eval_data") or eval_size), {
+        has_eval = bool(raw.get("eval_data") or eval_size)
+        problem = export_problem(export, sweep, has_eval, {
             "ranks": "export.ranks", "method": "export.method", "enabled": "sweep.enabled: true",
             "methods": "sweep.methods", "eval": "eval_data or eval_size"}, resolved.sweep_methods)
         if problem:
             raise InputError(problem)
+        if heal is not None:
+            _check_heal(heal, resolved, sweep, has_eval, training)
         if export.vllm and export.ranks and lora.get("modules_to_save"):
             where = "lora.modules_to_save" if start is None else f"modules_to_save of {lora_model_dir}"
             raise InputError(f"export.vllm: vLLM rejects adapters with modules_to_save, and {where} is "
@@ -142,6 +148,7 @@ class Recipe:
             sweep=sweep,
             export=export,
             samples=samples,
+            heal=heal,
             global_batch_size=batch,
         )
         return recipe  # TrainingArguments' own checks (optim, bf16 on this machine, ...) run first in run()
@@ -217,6 +224,28 @@ def _data_spec(raw: Any, key: str, base_dir: str | os.PathLike) -> DataSpec:
     if raw["path"].endswith((".json", ".jsonl")):
         raw["path"] = _local(raw["path"], base_dir)
     return DataSpec(**raw)  # the file itself is read (and checked) by run(), before the model loads
+
+
+def _check_heal(heal: HealSettings, resolved: QDyLoraConfig, sweep: SweepSettings, has_eval: bool,
+                training: dict[str, Any]) -> None:
+    """What `heal:` needs from the run, checked before training (`workflow.heal` would refuse it after):
+    a rank in the trained range or 'recommended' from a sweep that measures its method, a cut
+    the run can be read at, and steps to take a fraction of."""
+    if heal.rank is None:
+        raise InputError("heal: give the rank to heal: rank: B (an integer) or rank: recommended (the sweep's pick)")
+    if is_int(heal.rank):
+        resolved.check_ranks([heal.rank], what="heal.rank")
+    problem = export_problem(ExportSettings(ranks=[heal.rank], method=heal.method), sweep, has_eval, {
+        "ranks": "heal.rank", "method": "heal.method", "enabled": "sweep.enabled: true",
+        "methods": "sweep.methods", "eval": "eval_data or eval_size"}, resolved.sweep_methods)
+    if problem:
+        raise InputError(problem)
+    measured = (sweep.methods or resolved.sweep_methods) if sweep.enabled and has_eval else []
+    if heal.method == "prefix" and resolved.default_method != "prefix" and "prefix" not in measured:
+        raise InputError("heal.method is prefix, but this run trains only its full rank and its sweep does not "
+                         "measure prefix: use heal.method: svd (or leave it unset), or add prefix to sweep.methods")
+    if heal.steps is None and int(training.get("max_steps", -1)) <= 0:
+        raise InputError("heal: training has no max_steps to take heal.steps_fraction of; give heal.steps")
 
 
 def _section(name: str, build: Any, raw: dict[str, Any], cls: type | None = None) -> Any:

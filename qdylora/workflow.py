@@ -3,8 +3,9 @@
 `run(recipe)` is `qdylora train CONFIG.yaml` and `qdylora demo` (the demo is a `Recipe`).
 The Axolotl plugin trains with Axolotl's own loop and calls the same steps after it:
 `sweep`, `record` and `export`, then logs `report`. `sweep_adapter` measures a saved
-adapter folder (`qdylora sweep`). `heal(recipe, rank, out)` (`qdylora heal`) trains one
-rank's cut of a finished run alone for a short while: the same `run`, started from the cut.
+adapter folder (`qdylora sweep`). `heal(recipe, rank, out)` (`qdylora heal`, or the YAML's
+`heal:` section right after the run) trains one rank's cut of a finished run alone for a short
+while: the same `run`, started from the cut.
 
 Everything that can be checked is checked before the model loads, the adapter is saved
 BEFORE the sweep (nothing after training can lose it), and a run refused before training
@@ -27,6 +28,7 @@ from .recipe import Recipe
 from .sweep_result import SweepResult, save_sweep
 
 EXPORTS_DIR = "qdylora-exports"  # <output_dir>/qdylora-exports/rank-<b>/
+HEALED_DIR = "qdylora-healed"  # <output_dir>/qdylora-healed/rank-<b>/ (the YAML's heal: section)
 
 
 @dataclass
@@ -38,16 +40,25 @@ class RunResult:
     sweep: SweepResult | None = None
     exports: dict[int, Path] = field(default_factory=dict)
     vllm: bool = False
+    healed: HealResult | None = None
 
     def report(self) -> list[str]:
         """The lines a user reads at the end: the sweep table, the pick, where things are."""
-        return report(self.adapter_dir, self.trainer.qdylora_config.r_max, self.sweep, self.exports, vllm=self.vllm)
+        lines = report(self.adapter_dir, self.trainer.qdylora_config.r_max, self.sweep, self.exports, vllm=self.vllm)
+        return lines + (self.healed.report() if self.healed is not None else [])
 
 
 def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> RunResult:
-    """Train, save the adapter (r_max) with qdylora_config.json, sweep, export, as the recipe says."""
+    """Train, save the adapter (r_max) with qdylora_config.json, sweep, export, as the recipe says;
+    with `recipe.heal`, then heal that rank into <output_dir>/qdylora-healed/rank-<b>/ (`heal`;
+    the run's model is released first: two would not fit where one barely does)."""
+    from .distributed import world_size
+
     out = Path(recipe.training["output_dir"])
     recipe.training_args()  # TrainingArguments' own checks (optim name, bf16 on this machine, ...)
+    if recipe.heal is not None and world_size() > 1:
+        raise InputError("heal: healing runs in one process; drop the heal: section under accelerate launch and "
+                         "heal afterwards (qdylora heal, or lora_model_dir: in a train YAML)")
     checkpoint = check_output_dir(out, overwrite=overwrite, resume=resume)
     existed = out.exists()
     try:
@@ -61,7 +72,27 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> Run
     result = sweep(trainer, recipe.sweep, out)
     record(trainer, out)
     exports = export(out, recipe.export) if trainer.is_world_process_zero() else {}
-    return RunResult(out, trainer, result, exports, vllm=recipe.export.vllm)
+    healed = None
+    if recipe.heal is not None:
+        b = recipe.heal.rank if is_int(recipe.heal.rank) else result.recommended_rank  # checked in the recipe
+        _release(trainer)
+        healed = heal(recipe, recipe.heal.rank, out / HEALED_DIR / f"rank-{b}", recipe.heal, overwrite=True,
+                      inside_run=True)
+    return RunResult(out, trainer, result, exports, vllm=recipe.export.vllm, healed=healed)
+
+
+def _release(trainer: Any) -> None:
+    """Free the trainer's model and optimizer (a second model is about to load); the trainer
+    keeps its arguments and qdylora config for the report."""
+    import gc
+
+    import torch
+
+    trainer.model = trainer.model_wrapped = None
+    trainer.optimizer = trainer.lr_scheduler = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 HEAL_INFO = "qdylora_heal.json"  # beside a healed adapter: where it came from and how it was healed
@@ -86,7 +117,7 @@ class HealResult:
 
 
 def heal(recipe: Recipe, rank: int | str, out: str | os.PathLike, settings: HealSettings | None = None, *,
-         adapter_dir: str | os.PathLike | None = None, overwrite: bool = False) -> HealResult:
+         adapter_dir: str | os.PathLike | None = None, overwrite: bool = False, inside_run: bool = False) -> HealResult:
     """Train rank `rank` of the run `recipe` describes alone, briefly, on the same data: the
     run's rank-b cut (`settings.method`) exported, then `run` on a copy of the recipe that
     starts from it (`lora_model_dir`), trains every step at rank b (preset plain) for
@@ -97,7 +128,8 @@ def heal(recipe: Recipe, rank: int | str, out: str | os.PathLike, settings: Heal
     integer or "recommended" (the run's sweep's pick, with its method). `out` receives a
     standard PEFT LoRA adapter of rank b (+ qdylora_config.json, qdylora_heal.json); it is
     written to a temporary folder and renamed into place, refused if it exists (unless
-    `overwrite`) or is the run or the base being read.
+    `overwrite`) or is the run or the base being read (`inside_run`: a new subfolder of the
+    run is allowed, as the YAML's heal: section writes; the run's own files are only read).
 
     Why: on every task we measured, the cut of one plain r_max run, healed this way, is as
     good as a run trained for that rank (benchmarks/results/planted.md, real.md) at a tenth of
@@ -134,23 +166,25 @@ def heal(recipe: Recipe, rank: int | str, out: str | os.PathLike, settings: Heal
     if "data_seed" in training:
         training["data_seed"] = int(training["data_seed"]) + settings.seed_offset
     sweep_settings = SweepSettings(enabled=recipe.sweep.enabled, ranks=[b], methods=["svd"])  # rank b = its r_max
-    with staged_output(out, overwrite=overwrite, protect=[source_dir, recipe.model]) as tmp, \
+    with staged_output(out, overwrite=overwrite, protect=[source_dir, recipe.model], inside_ok=inside_run) as tmp, \
             tempfile.TemporaryDirectory(prefix="qdylora-cut-") as scratch:
         cut = export_adapter(source_dir, Path(scratch) / "cut", b, method=method)
         healing = dataclasses.replace(
             recipe, lora={}, lora_model_dir=str(cut), qdylora=QDyLoraConfig.preset("plain"),
             training={**training, "output_dir": str(tmp)}, sweep=sweep_settings, export=ExportSettings(),
-            samples=dataclasses.replace(recipe.samples, ranks=[b]) if recipe.samples else None,
+            samples=dataclasses.replace(recipe.samples, ranks=[b]) if recipe.samples else None, heal=None,
         )
         healing.training_args()  # TrainingArguments' own checks, before the model loads
         result = run(healing, overwrite=True)
-        recorded = source.sweep()
-        metric = (result.sweep or recorded).metric if (result.sweep or recorded) else "eval_loss"
-        cut_value = (recorded.by_method.get(method, {}).get(b, {}).get(metric) if recorded else None)
+        recorded = source.sweep()  # the run's: the cut's number, before healing
+        measured = result.sweep or recorded
+        metric = measured.metric if measured else "eval_loss"
+        cut_value = recorded.by_method.get(method, {}).get(b, {}).get(metric) if recorded else None
         healed_value = result.sweep.results.get(b, {}).get(metric) if result.sweep else None
         info = {"source": str(source_dir.resolve()), "rank": b, "method": method, "steps": steps,
                 "learning_rate": learning_rate, "lr_scheduler_type": "constant", "seed": seed,
-                "settings": dataclasses.asdict(settings), "metric": metric,
+                "metric": metric,
+                "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "rank"},
                 "cut_" + metric: cut_value, "healed_" + metric: healed_value}
         (tmp / HEAL_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return HealResult(Path(out), info)

@@ -169,3 +169,69 @@ def test_heal_refuses_bad_input_before_training_and_never_touches_the_run(cut, t
     assert res.exit_code == 2 and "no max_steps" in res.output and "--steps" in res.output, res.output
     assert not (tmp_path / "o").exists() and (tmp_path / "taken" / "keep.txt").read_text() == "mine"
     assert _tree(run_dir) == before
+
+
+def test_heal_section_heals_after_the_run_as_qdylora_heal_does(tiny_llama, arithmetic_data, tmp_path):
+    """`heal: {rank: recommended}` in the train YAML: after training and the sweep, the sweep's pick is
+    healed into <output_dir>/qdylora-healed/rank-<b>/, tensors equal bit for bit to `qdylora heal` of
+    the same run (rank taken from the YAML's heal section), reported after the sweep table."""
+    run_dir = tmp_path / "run"
+    cfg = _yaml(tmp_path, "run.yaml", tiny_llama, arithmetic_data, run_dir,
+                lora={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+                sweep={"ranks": [1, 2, 8], "methods": ["svd"]}, heal={"rank": "recommended", "lr_factor": 0.5})
+    res = _invoke(["train", str(cfg)])
+    assert res.exit_code == 0, res.output
+    b = json.loads((run_dir / "qdylora_config.json").read_text())["sweep"]["recommended_rank"]
+    healed = run_dir / "qdylora-healed" / f"rank-{b}"
+    info = json.loads((healed / "qdylora_heal.json").read_text())
+    assert (info["rank"], info["method"], info["steps"]) == (b, "svd", 1)
+    assert info["learning_rate"] == pytest.approx(0.005)  # the section's lr_factor 0.5, not the default 0.3
+    assert f"rank {b} (svd cut of {run_dir.resolve()}) healed" in res.output
+    assert res.output.index("recommended rank:") < res.output.index("healed for")
+    assert json.loads((healed / "adapter_config.json").read_text())["r"] == b
+
+    before = _tree(run_dir)
+    res = _invoke(["heal", str(cfg), "--out", str(tmp_path / "again")])
+    assert res.exit_code == 0, res.output
+    want = load_file(healed / "adapter_model.safetensors")
+    got = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert _tree(run_dir) == before
+
+
+def test_bad_heal_section_is_one_line_before_training(tiny_llama, arithmetic_data, tmp_path):
+    def fails(needle, **extra):
+        cfg = _yaml(tmp_path, "c.yaml", tiny_llama, arithmetic_data, tmp_path / "o",
+                    lora={"r": 8, "lora_alpha": 16}, **extra)
+        res = _invoke(["train", str(cfg)])
+        lines = res.output.strip().splitlines()
+        assert res.exit_code == 2 and len(lines) == 1 and needle in lines[0], (extra, res.output)
+        assert not (tmp_path / "o").exists()
+
+    fails("give the rank to heal", heal={})
+    fails("rank must be an integer >= 1", heal={"rank": 0})
+    fails("heal.rank", heal={"rank": 9})
+    fails("rank='best' is not allowed", heal={"rank": "best"})
+    fails("heal.rank lists 'recommended'", heal={"rank": "recommended"}, sweep={"enabled": False})
+    fails("heal.method is prefix", heal={"rank": 2, "method": "prefix"}, sweep={"methods": ["svd"]})
+    fails("heal key", heal={"rank": 2, "stpes": 3})
+    fails("no max_steps", heal={"rank": 2},
+          training={"output_dir": str(tmp_path / "o"), "num_train_epochs": 1, "disable_tqdm": True})
+
+
+def test_healing_the_full_rank_continues_the_run_in_its_svd_basis(cut, tmp_path):
+    """--rank r_max of a plain run (the compute-neutral pipeline heals it too): the svd "cut" is the whole
+    delta rotated into its SVD basis, so at learning rate 0 the healed adapter has other factors but
+    the same product B @ A in every layer as the run."""
+    folder, _, cfg = cut
+    run_dir = folder.parent.parent
+    res = _invoke(["heal", str(cfg), "--rank", "8", "--out", str(tmp_path / "full"), "--lr-factor", "0"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "full" / "adapter_config.json").read_text())["r"] == 8
+    run, got = load_file(run_dir / "adapter_model.safetensors"), load_file(tmp_path / "full" / "adapter_model.safetensors")
+    pairs = [k for k in run if k.endswith("lora_A.weight")]
+    assert pairs and got.keys() == run.keys()
+    for a in pairs:
+        b = a.replace("lora_A", "lora_B")
+        assert not torch.equal(got[a], run[a])  # another basis...
+        torch.testing.assert_close(got[b] @ got[a], run[b] @ run[a], rtol=1e-4, atol=1e-6)  # ...the same delta

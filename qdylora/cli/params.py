@@ -93,17 +93,18 @@ def data_options(fn: Callable) -> Callable:
     return fn
 
 
-def settings_options(cls: type) -> Callable:
+def settings_options(cls: type, skip: tuple[str, ...] = ()) -> Callable:
     """One option per field of a settings dataclass (`--steps-fraction` for `steps_fraction`), its
     help from the field; unset options are left out, so the dataclass's defaults and checks
-    (one line each) apply. A new field is a new option."""
+    (one line each) apply. A new field is a new option; `skip` names fields the command declares
+    itself (with its own help)."""
     import dataclasses
     import typing
 
     hints = typing.get_type_hints(cls)
 
     def decorate(fn: Callable) -> Callable:
-        for f in reversed(dataclasses.fields(cls)):
+        for f in reversed([f for f in dataclasses.fields(cls) if f.name not in skip]):
             kinds = set(typing.get_args(hints[f.name])) or {hints[f.name]}
             kind = click.INT if kinds <= {int, type(None)} else click.FLOAT if kinds <= {float, int} else None
             default = "" if f.default is None else f" [default: {f.default}]"
