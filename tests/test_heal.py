@@ -217,6 +217,22 @@ def test_bad_heal_section_is_one_line_before_training(tiny_llama, arithmetic_dat
     fails("heal key", heal={"rank": 2, "stpes": 3})
     fails("no max_steps", heal={"rank": 2},
           training={"output_dir": str(tmp_path / "o"), "num_train_epochs": 1, "disable_tqdm": True})
+    # healing runs in one process: refused under a launcher before anything is trained or written
+    from qdylora.recipe import Recipe
+    from qdylora.workflow import InputError, run
+
+    cfg = _yaml(tmp_path, "c.yaml", tiny_llama, arithmetic_data, tmp_path / "o", lora={"r": 8}, heal={"rank": 2})
+    recipe = Recipe.from_yaml(cfg)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WORLD_SIZE", "2")
+        with pytest.raises(InputError, match="one process"):
+            run(recipe)
+    assert not (tmp_path / "o").exists()
+    # qdylora heal needs a rank: --rank, or the CONFIG's heal.rank
+    res = _invoke(["heal", str(_yaml(tmp_path, "d.yaml", tiny_llama, arithmetic_data, tmp_path / "o")),
+                   "--out", str(tmp_path / "h")])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1 and "--rank" in res.output, res.output
+    assert not (tmp_path / "h").exists()
 
 
 def test_healing_the_full_rank_continues_the_run_in_its_svd_basis(cut, tmp_path):
