@@ -53,6 +53,13 @@ Arms (keys of results/planted.json):
   b < r_max, then trained ALONE at rank b for `--heal-steps` (30, a tenth of the run) at constant
   `--heal-lr` (3e-4, chosen on seed 0 among 1e-3 and 3e-4), data order seed + 100: every healed
   rank costs a short extra run, so the cost column counts them;
+- lora_short_svd+heal (own idea 6, the compute bar): the same healing at EVERY rank, r_max included,
+  from a plain r_max run SHORTENED by the healing steps (`--steps` - `--heal-steps`: 270 + 30), so
+  one shipped rank costs one plain run; `cost_one_rank` records that, `cost` all ranks healed;
+- dedicated_cooldown (a stronger limit for own idea 6): each rank's dedicated run shortened the
+  same way, then continued from its own factors for `--heal-steps` at `--heal-lr`, data order
+  seed + 100: the healing's LR drop without the r_max start, so a gain from the cooldown alone
+  is not credited to the one-run pipeline;
 - the oracle row (not an arm): the top-b SVD of the planted delta itself, no training.
 
     OMP_NUM_THREADS=1 python benchmarks/planted.py run --seeds 0,1,2      # all arms
@@ -93,7 +100,8 @@ from qdylora.sweep_result import aurac  # noqa: E402,F401  (the sweep's AURAC, o
 from qdylora.trainer_ext.trainer import QDyLoraMixin  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-EXTRAS = ["planted.fp32.json", "planted.asvd.json", "planted.fsvd.json", "planted.heal.json", "planted.600steps.json"]  # the report's sections after the main one, in this order
+EXTRAS = ["planted.fp32.json", "planted.asvd.json", "planted.fsvd.json", "planted.heal.json", "planted.budget.json",
+          "planted.600steps.json"]  # the report's sections after the main one, in this order
 ALPHA = 16
 
 # The training recipes. paper and balanced are QDyLoraConfig presets; lw_anchor is issue 8's
@@ -124,7 +132,7 @@ def recipes() -> dict[str, dict[str, Any]]:
 TRAINED = ["paper", "balanced", "lw_anchor", "matryoshka", "const_scale", "lw_anchor_both"]
 ARM_ORDER = ["dedicated", "lora_rmax_prefix", "lora_rmax_svd", "lora_rmax_asvd", "lora_rmax_fsvd"] + \
     [f"{n}{cut}" for n in TRAINED for cut in ("", "+svd", "+asvd", "+fsvd")] + \
-    ["lora_rmax_svd+heal", "lora_rmax_fsvd+heal"]
+    ["lora_rmax_svd+heal", "lora_rmax_fsvd+heal", "lora_short_svd+heal", "dedicated_cooldown"]
 
 
 # -- the metric ------------------------------------------------------------------------------
@@ -635,6 +643,10 @@ def run_seed(task: dict[str, Any], args: argparse.Namespace, seed: int, arms: li
                 f"r{b} {v:.5f}" for b, v in res[f"lora_rmax_{cut}+heal"]["ranks"].items()), flush=True)
     del model
     gc.collect()
+    if "lora_short_svd+heal" in arms:
+        res["lora_short_svd+heal"] = short_healed(task, args, seed, tag)
+    if "dedicated_cooldown" in arms:
+        res["dedicated_cooldown"] = cooled(task, args, seed, tag)
 
     if "dedicated" in arms:
         ded, cpu_total = {}, 0.0
@@ -665,6 +677,8 @@ def run_seed(task: dict[str, Any], args: argparse.Namespace, seed: int, arms: li
         gc.collect()
     for name, r in res.items():
         r["cost"] = r.pop("cpu") / cpu_plain
+        if "cpu_one_rank" in r:
+            r["cost_one_rank"] = r.pop("cpu_one_rank") / cpu_plain
         print(f"{tag} {name:20s} " + "  ".join(f"r{b} {v:.5f}" for b, v in r["ranks"].items())
               + f"  cost {r['cost']:.2f}", flush=True)
     return {"plain_cpu_seconds": cpu_plain, "arms": res}
@@ -694,6 +708,54 @@ def healed(model, task: dict[str, Any], args: argparse.Namespace, seed: int, cut
         del student
         gc.collect()
     return {"ranks": out, "cpu": cpu}
+
+
+def _continue(task: dict[str, Any], args: argparse.Namespace, seed: int, init, b: int):
+    """(excess, cpu) of a rank-b adapter started from `init` and trained args.heal_steps steps at
+    args.heal_lr (constant), data order seed + 100: the healing step of own idea 6."""
+    student, cpu, *_ = train(task, args, seed + 100, r=b, recipe=None, init=init,
+                             steps=args.heal_steps, lr=args.heal_lr)
+    value = excess(student, task)
+    del student
+    gc.collect()
+    return value, cpu
+
+
+def short_healed(task: dict[str, Any], args: argparse.Namespace, seed: int, tag: str) -> dict[str, Any]:
+    """Own idea 6: a plain r_max run of args.steps - args.heal_steps steps, then EVERY rank b
+    (r_max included: its svd cut is the run itself in its SVD basis) cut by svd and healed for
+    args.heal_steps: one shipped rank costs one plain run. cpu = the short run + every healing;
+    cpu_one_rank = the short run + the dearest single healing."""
+    model, cpu_short, *_ = train(task, args, seed, r=args.r_max, recipe=None, steps=args.steps - args.heal_steps)
+    out, heal_cpus = {}, []
+    for b in args.ranks:
+        c0 = time.process_time()
+        init = cut_factors(model, b)
+        cut_cpu = time.process_time() - c0
+        out[str(b)], cpu = _continue(task, args, seed, init, b)
+        heal_cpus.append(cut_cpu + cpu)
+    del model
+    gc.collect()
+    print(f"{tag} lora_short_svd+heal: " + "  ".join(f"r{b} {v:.5f}" for b, v in out.items()), flush=True)
+    return {"ranks": out, "cpu": cpu_short + sum(heal_cpus), "cpu_one_rank": cpu_short + max(heal_cpus)}
+
+
+def cooled(task: dict[str, Any], args: argparse.Namespace, seed: int, tag: str) -> dict[str, Any]:
+    """The limit for own idea 6: each rank's dedicated run, shortened by args.heal_steps, then
+    continued from its own factors exactly as a healing run (`_continue`)."""
+    out, cpu_total = {}, 0.0
+    for b in args.ranks:
+        model, cpu, *_ = train(task, args, seed, r=b, recipe=None, steps=args.steps - args.heal_steps)
+        dr = DynamicRank.of(model)
+        init = {name: (layer.lora_A[dr.adapter_name].weight.detach().clone(),
+                       layer.lora_B[dr.adapter_name].weight.detach().clone())
+                for name, layer in lora_layers(dr.model, dr.adapter_name)}
+        del model
+        gc.collect()
+        out[str(b)], heal_cpu = _continue(task, args, seed, init, b)
+        cpu_total += cpu + heal_cpu
+    print(f"{tag} dedicated_cooldown: " + "  ".join(f"r{b} {v:.5f}" for b, v in out.items()), flush=True)
+    return {"ranks": out, "cpu": cpu_total}
 
 
 def _svd_cpu(model, ranks: list[int], task: dict[str, Any], hooks: RowScale | None = None, cut: str = "svd") -> float:
@@ -732,8 +794,10 @@ def summarise(per_seed: dict[str, Any], ranks: list[int]) -> dict[str, Any]:
             "ranks": {b: sum(v) / len(v) for b, v in vals.items()},
             "half_spread": {b: (max(v) - min(v)) / 2 for b, v in vals.items()},
             "per_seed": {b: v for b, v in vals.items()},
-            "one_run": name != "dedicated" and not name.endswith("+heal"),  # healing trains a run per rank
+            "one_run": not name.startswith("dedicated") and not name.endswith("+heal"),  # healing trains a run per rank
             "cost": sum(per_seed[s]["arms"][name]["cost"] for s in seeds) / len(seeds),
+            **({"cost_one_rank": sum(per_seed[s]["arms"][name]["cost_one_rank"] for s in seeds) / len(seeds)}
+               if all("cost_one_rank" in per_seed[s]["arms"][name] for s in seeds) else {}),
             "aurac": sum(a_seed) / len(a_seed),
             "aurac_per_seed": a_seed,
         }
@@ -884,6 +948,10 @@ def section(data: dict[str, Any], title: str) -> list[str]:
         lines.append(f"| {name} | {'yes' if a['one_run'] else 'no'} | " + " | ".join(cells)
                      + f" | {a['aurac']:.6f} | {a['cost']:.2f} |")
     lines.append("")
+    one_rank = {n: a["cost_one_rank"] for n, a in arms.items() if "cost_one_rank" in a}
+    if one_rank:
+        lines += ["Cost of ONE shipped rank (the shortened run + that rank's healing; `cost` heals every rank): "
+                  + ", ".join(f"{n} {c:.2f}" for n, c in one_rank.items()) + ".", ""]
     if data.get("oracle"):
         lines += ["Oracle (no training: the student's delta is the top-b SVD of the planted delta, the "
                   "weight-space optimum at each rank): " + ", ".join(f"r{b} {max(data['oracle'][b], 0.0):.5f}" for b in ranks)
@@ -946,11 +1014,11 @@ def plot(data: dict[str, Any], png_path: Path) -> None:
     colors = plt.get_cmap("tab10")
     for name, a in data["arms"].items():
         ys = [a["ranks"][str(b)] for b in ranks]
-        if name == "dedicated":
-            style = dict(color="black", linestyle="--", linewidth=2.5)
+        if name.startswith("dedicated"):
+            style = dict(color="black", linestyle="--", linewidth=2.5 if name == "dedicated" else 1.2)
         else:  # one colour per training run; slicing solid, +svd dotted, +asvd dash-dot, +fsvd dashed
-            family = "lora_rmax" if name.startswith("lora_rmax") else name.split("+")[0]
-            cut = name.split("+")[1] if "+" in name else name[len("lora_rmax_"):] if name.startswith("lora_rmax_") else ""
+            family = "lora_rmax" if name.startswith("lora_") else name.split("+")[0]
+            cut = name.split("+")[-1] if "+" in name else name[len("lora_rmax_"):] if name.startswith("lora_rmax_") else ""
             cut = "" if cut == "prefix" else cut
             style = dict(color=colors(families.index(family) % 10), marker="oxs^*"[["", "svd", "asvd", "fsvd", "heal"].index(cut)],
                          markersize=4, linestyle={"": "-", "svd": ":", "asvd": "-.", "fsvd": (0, (5, 2)), "heal": "-"}[cut])
