@@ -684,6 +684,17 @@ def run_seed(task: dict[str, Any], args: argparse.Namespace, seed: int, arms: li
     return {"plain_cpu_seconds": cpu_plain, "arms": res}
 
 
+def _continue(task: dict[str, Any], args: argparse.Namespace, seed: int, init, b: int):
+    """(excess, cpu) of a rank-b adapter started from `init` and trained args.heal_steps steps at
+    args.heal_lr (constant), data order seed + 100: one healing run (own ideas 5 and 6)."""
+    student, cpu, *_ = train(task, args, seed + 100, r=b, recipe=None, init=init,
+                             steps=args.heal_steps, lr=args.heal_lr)
+    value = excess(student, task)
+    del student
+    gc.collect()
+    return value, cpu
+
+
 def healed(model, task: dict[str, Any], args: argparse.Namespace, seed: int, cut: str,
            full: dict[str, float]) -> dict[str, Any]:
     """Own idea 5: each rank b < r_max of the plain r_max run, cut by `cut` (svd or fsvd), then
@@ -701,24 +712,9 @@ def healed(model, task: dict[str, Any], args: argparse.Namespace, seed: int, cut
         c0 = time.process_time()
         init = cut_factors(model, b, roots=roots, out_roots=out_roots)
         cpu += time.process_time() - c0
-        student, heal_cpu, *_ = train(task, args, seed + 100, r=b, recipe=None, init=init,
-                                      steps=args.heal_steps, lr=args.heal_lr)
-        out[str(b)] = excess(student, task)
+        out[str(b)], heal_cpu = _continue(task, args, seed, init, b)
         cpu += heal_cpu
-        del student
-        gc.collect()
     return {"ranks": out, "cpu": cpu}
-
-
-def _continue(task: dict[str, Any], args: argparse.Namespace, seed: int, init, b: int):
-    """(excess, cpu) of a rank-b adapter started from `init` and trained args.heal_steps steps at
-    args.heal_lr (constant), data order seed + 100: the healing step of own idea 6."""
-    student, cpu, *_ = train(task, args, seed + 100, r=b, recipe=None, init=init,
-                             steps=args.heal_steps, lr=args.heal_lr)
-    value = excess(student, task)
-    del student
-    gc.collect()
-    return value, cpu
 
 
 def short_healed(task: dict[str, Any], args: argparse.Namespace, seed: int, tag: str) -> dict[str, Any]:
