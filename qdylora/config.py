@@ -358,17 +358,22 @@ class HealSettings:
 
 
 def export_problem(export: ExportSettings, sweep: SweepSettings, has_eval: bool, key: dict[str, str],
-                   default_methods: Sequence[str] = ("prefix",)) -> str | None:
-    """Why the exports cannot follow from this sweep, before any training: 'recommended' needs
-    a sweep (enabled, with eval data) that measures the export's method. `key` names the
-    settings as the user wrote them: {"ranks", "method", "enabled", "methods", "eval"};
+                   default_methods: Sequence[str] = ("prefix",), full_rank_only: bool = False) -> str | None:
+    """Why the exports cannot follow from this run and its sweep, before any training: 'recommended'
+    needs a sweep (enabled, with eval data) that measures the export's method, and the prefix cut
+    of a run that trains only its full rank (`full_rank_only`) ships only once the sweep measured it
+    (the rule `adapter_io.check_adapter` applies to the saved adapter after training). `key` names
+    the settings as the user wrote them: {"ranks", "method", "enabled", "methods", "eval"};
     `default_methods` are the run's (`QDyLoraConfig.sweep_methods`), used where none are set."""
+    measured = (sweep.methods or list(default_methods)) if sweep.enabled and has_eval else []
+    if export.ranks and export.method == "prefix" and full_rank_only and "prefix" not in measured:
+        return (f"{key['method']} is prefix, but this run trains only its full rank and its sweep does not measure "
+                f"prefix: use {key['method']}: svd (or leave it unset), or add prefix to {key['methods']}")
     if RECOMMENDED not in (export.ranks or []):
         return None
     if not (sweep.enabled and has_eval):
         return (f"{key['ranks']} lists 'recommended', which comes from the rank sweep: give {key['eval']} and keep "
                 f"{key['enabled']}, or list explicit ranks")
-    measured = sweep.methods or list(default_methods)
     if export.method is not None and export.method not in measured:
         return (f"{key['method']} is {export.method} and {key['ranks']} lists 'recommended', but the sweep measures "
                 f"only {', '.join(measured)}: add {export.method} to {key['methods']}")

@@ -123,7 +123,8 @@ class Recipe:
         has_eval = bool(raw.get("eval_data") or eval_size)
         problem = export_problem(export, sweep, has_eval, {
             "ranks": "export.ranks", "method": "export.method", "enabled": "sweep.enabled: true",
-            "methods": "sweep.methods", "eval": "eval_data or eval_size"}, resolved.sweep_methods)
+            "methods": "sweep.methods", "eval": "eval_data or eval_size"}, resolved.sweep_methods,
+            full_rank_only=not resolved.lower_ranks_trained)
         if problem:
             raise InputError(problem)
         if heal is not None:
@@ -230,20 +231,17 @@ def _check_heal(heal: HealSettings, resolved: QDyLoraConfig, sweep: SweepSetting
                 training: dict[str, Any]) -> None:
     """What `heal:` needs from the run, checked before training (`workflow.heal` would refuse it after):
     a rank in the trained range or 'recommended' from a sweep that measures its method, a cut
-    the run can be read at, and steps to take a fraction of."""
+    the run can be read at (`export_problem`, as for the exports), and steps to take a fraction of."""
     if heal.rank is None:
         raise InputError("heal: give the rank to heal: rank: B (an integer) or rank: recommended (the sweep's pick)")
     if is_int(heal.rank):
         resolved.check_ranks([heal.rank], what="heal.rank")
     problem = export_problem(ExportSettings(ranks=[heal.rank], method=heal.method), sweep, has_eval, {
         "ranks": "heal.rank", "method": "heal.method", "enabled": "sweep.enabled: true",
-        "methods": "sweep.methods", "eval": "eval_data or eval_size"}, resolved.sweep_methods)
+        "methods": "sweep.methods", "eval": "eval_data or eval_size"}, resolved.sweep_methods,
+        full_rank_only=not resolved.lower_ranks_trained)
     if problem:
         raise InputError(problem)
-    measured = (sweep.methods or resolved.sweep_methods) if sweep.enabled and has_eval else []
-    if heal.method == "prefix" and resolved.default_method != "prefix" and "prefix" not in measured:
-        raise InputError("heal.method is prefix, but this run trains only its full rank and its sweep does not "
-                         "measure prefix: use heal.method: svd (or leave it unset), or add prefix to sweep.methods")
     if heal.steps is None and int(training.get("max_steps", -1)) <= 0:
         raise InputError("heal: training has no max_steps to take heal.steps_fraction of; give heal.steps")
 

@@ -105,6 +105,25 @@ def test_train_sweeps_both_methods_and_refuses_a_bad_one_first(tiny_llama, arith
     assert f"recommended rank: {sweep['recommended_rank']} ({sweep['recommended_method']})" in res.output
 
 
+def test_prefix_export_of_a_full_rank_run_needs_the_sweep_to_measure_it_first(tiny_llama, arithmetic_data, tmp_path):
+    """A plain run's prefix cut was never trained: `export: {method: prefix}` ships only once the run's
+    own sweep measured prefix (the rule check_adapter applies after training), so it is refused at
+    parse time, before anything is trained, when the sweep will not."""
+    from qdylora.recipe import Recipe
+
+    out = tmp_path / "o"
+    plain = {"qdylora": {"preset": "plain"}, "export": {"ranks": [2], "method": "prefix"}}
+    for sweep in ({"methods": ["svd"]}, {"enabled": False}):
+        res = _fails_with(["train", str(_yaml(tmp_path, tiny_llama, arithmetic_data, out, sweep=sweep, **plain))],
+                          "export.method is prefix, but this run trains only its full rank")
+        assert "use export.method: svd" in res.output and len(res.output.strip().splitlines()) == 1
+        assert not out.exists()
+    # allowed: the plain run's default sweep measures svd and prefix; a QDyLoRA run trained its prefixes
+    Recipe.from_yaml(_yaml(tmp_path, tiny_llama, arithmetic_data, out, **plain))
+    Recipe.from_yaml(_yaml(tmp_path, tiny_llama, arithmetic_data, out, sweep={"enabled": False},
+                           export={"ranks": [2], "method": "prefix"}))
+
+
 def _fails_with(args, needle):
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 2, (res.exit_code, res.output)

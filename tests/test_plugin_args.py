@@ -112,6 +112,8 @@ def test_preset_values_stand_unless_a_key_is_set():
         ({"qdylora_export_ranks": ["recommended"], "val_set_size": 0.0}, "'recommended', which comes from the rank sweep"),
         ({"qdylora_export_ranks": ["recommended"], "qdylora_sweep": False}, "keep qdylora_sweep: true"),
         ({"qdylora_export_ranks": ["best"]}, "qdylora_export_ranks"),
+        ({"qdylora_preset": "plain", "qdylora_export_ranks": [4], "qdylora_export_method": "prefix",
+          "qdylora_sweep_methods": ["svd"]}, "qdylora_export_method is prefix, but this run trains only its full rank"),
     ],
 )
 def test_bad_settings_fail_with_a_message_naming_the_fix(overrides, message):

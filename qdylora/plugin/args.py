@@ -108,7 +108,8 @@ class _Checks(BaseModel):
             problem = export_problem(export, sweep, has_eval, {
                 "ranks": "qdylora_export_ranks", "method": "qdylora_export_method", "enabled": "qdylora_sweep: true",
                 "methods": "qdylora_sweep_methods", "eval": "val_set_size (or test_datasets)"},
-                config.sweep_methods if lora_r else ["prefix"])
+                config.sweep_methods if lora_r else ["prefix"],
+                full_rank_only=bool(lora_r) and not config.lower_ranks_trained)
             if problem:
                 raise ValueError(problem)
         return self
