@@ -105,8 +105,8 @@ RECIPES: dict[str, dict[str, Any]] = {
 # readouts measured per r_max run (each costs ~20 s per rank and split on the demo): the arms the
 # issue asks for; paper+asvd / lw_anchor / lw_anchor+asvd are left out to fit the time budget
 READOUTS: dict[str, list[str]] = {"plain": ["prefix", "svd", "asvd", "fsvd"], "paper": ["prefix", "svd"], "lw_anchor": ["svd"],
-                                   "plain-short": ["heal"]}
-METHODS = ("prefix", "svd", "asvd", "fsvd", "heal")
+                                   "plain-short": ["pheal", "heal"]}
+METHODS = ("prefix", "svd", "asvd", "fsvd", "heal", "pheal")
 # "heal" (planted.py's lora_rmax_svd+heal, 30 of 300 steps at 3e-4 = 0.3x its LR): each rank's svd cut
 # as a fresh rank-b adapter, trained alone for a tenth of the run's steps at 0.3x its LR, constant
 HEAL = {"steps_fraction": 0.1, "lr_factor": 0.3, "data_seed_offset": 100}
@@ -126,6 +126,8 @@ ARMS: dict[str, tuple[str, str]] = {
     "lora_rmax_fsvd": ("plain", "fsvd"),
     "lora_rmax_svd+heal": ("plain", "heal"),
     "lora_short_svd+heal": ("plain-short", "heal"),
+    "lora_short_prefix+heal": ("plain-short", "pheal"),
+    "lora_rmax_prefix+heal": ("plain", "pheal"),
     "paper": ("paper", "prefix"),
     "paper+svd": ("paper", "svd"),
     "paper+asvd": ("paper", "asvd"),
@@ -191,23 +193,44 @@ def calibration(model: Any, methods: list[str], ctx: dict[str, Any], task: str):
     return roots, out_roots
 
 
-def healed(model: Any, task: str, b: int, seed: int, ctx: dict[str, Any]) -> tuple[dict[str, float], float]:
-    """The svd cut of the r_max `model` at rank b, loaded into a fresh rank-b PEFT adapter and trained
-    alone (`HEAL`): its answer loss per split, and the CPU seconds of the healing training."""
+def prefix_factors(model: Any, b: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer name: (A[:b], B[:, :b])}: the prefix cut as a rank-b PEFT adapter's factors (a rank-b
+    adapter with the same alpha has scale alpha/b, exactly what rank_scope(model, b) applies)."""
+    from qdylora.ranks import DynamicRank, lora_layers
+
+    dr = DynamicRank.of(model)
+    return {n: (layer.lora_A[dr.adapter_name].weight[:b].clone(), layer.lora_B[dr.adapter_name].weight[:, :b].clone())
+            for n, layer in lora_layers(dr.model, dr.adapter_name)}
+
+
+def rank_b_student(base: Any, cut: dict[str, tuple[torch.Tensor, torch.Tensor]], b: int) -> Any:
+    """A fresh rank-b PEFT LoRA adapter on `base` (alpha ALPHA, all linears, as every run here) holding
+    the factors `cut` ({layer name: (A, B)}, e.g. `cut_factors` or `prefix_factors`)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainingArguments
 
     from qdylora.ranks import DynamicRank, lora_layers
 
-    cfg = TASKS[task]
-    cut = cut_factors(model, b)  # planted.py's svd cut, PEFT's rank-b scaling folded in
-    student = get_peft_model(load_model(ctx["model"]), LoraConfig(task_type="CAUSAL_LM", r=b, lora_alpha=ALPHA,
-                                                                  lora_dropout=0.0, target_modules="all-linear"))
+    student = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=b, lora_alpha=ALPHA, lora_dropout=0.0,
+                                              target_modules="all-linear"))
     ds = DynamicRank.of(student)
     with torch.no_grad():
         for n, layer in lora_layers(ds.model, ds.adapter_name):
             layer.lora_A[ds.adapter_name].weight.copy_(cut[n][0])
             layer.lora_B[ds.adapter_name].weight.copy_(cut[n][1])
+    return student
+
+
+def healed(model: Any, task: str, b: int, seed: int, ctx: dict[str, Any],
+           start: str = "svd") -> tuple[dict[str, float], float]:
+    """The `start` cut (svd or prefix) of the r_max `model` at rank b, loaded into a fresh rank-b PEFT
+    adapter and trained alone (`HEAL`): its answer loss per split, and the CPU seconds of the healing
+    training. The product's `qdylora heal --method svd|prefix` does the same."""
+    from transformers import Trainer, TrainingArguments
+
+    cfg = TASKS[task]
+    # planted.py's svd cut (PEFT's rank-b scaling folded in), or the prefix slice
+    cut = cut_factors(model, b) if start == "svd" else prefix_factors(model, b)
+    student = rank_b_student(load_model(ctx["model"]), cut, b)
     extra = {"optim": cfg["optim"]} if cfg["optim"] else {}
     data_seed = seed + HEAL["data_seed_offset"]
     with tempfile.TemporaryDirectory() as scratch:
@@ -240,14 +263,14 @@ def read_out(model: Any, task: str, r: int, methods: list[str], ctx: dict[str, A
         res: dict[str, dict[str, float]] = {split: {} for split in cfg["splits"]}
         prefix = out.get("prefix") or done.get("prefix")
         for b in ranks:
-            if b == r and method != "prefix" and prefix is not None:
+            if b == r and method not in ("prefix", "pheal") and prefix is not None:
                 # at b = r_max svd/asvd/fsvd keep the whole delta (the same adapter up to float
                 # rounding, 1e-6 relative): reuse the prefix numbers instead of more evaluation passes
                 for split in cfg["splits"]:
                     res[split][str(b)] = prefix[split][str(b)]
                 continue
-            if method == "heal":
-                losses, cpu = healed(model, task, b, seed, ctx)
+            if method in ("heal", "pheal"):
+                losses, cpu = healed(model, task, b, seed, ctx, start="svd" if method == "heal" else "prefix")
                 for split in cfg["splits"]:
                     res[split][str(b)] = losses[split]
                 res.setdefault("heal_cpu_seconds", {})[str(b)] = cpu

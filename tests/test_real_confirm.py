@@ -107,6 +107,24 @@ def test_asvd_with_identity_covariance_is_plain_svd(tmp_path):
     torch.testing.assert_close(model(input_ids=ids).logits, full)  # factors restored
 
 
+def test_prefix_factors_are_the_prefix_cut_as_a_rank_b_adapter(tmp_path):
+    """real.py's +heal from the prefix cut starts from exactly what rank_scope(b) reads: a fresh rank-b
+    adapter (same alpha, so scale alpha/b) holding (A[:b], B[:, :b]) gives rank_scope(b)'s logits."""
+    from qdylora import load_model, rank_scope
+
+    model = _model(tmp_path)  # alpha 16 = real.ALPHA
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    for b in (1, 3):
+        with rank_scope(model, b):
+            want = model(input_ids=ids).logits
+        base = load_model(str(tmp_path / "base"), load_in_4bit=False, prepare_for_training=False)
+        student = real.rank_b_student(base, real.prefix_factors(model, b), b).eval()
+        got = student(input_ids=ids).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        with rank_scope(model, b, method="svd"):
+            assert not torch.allclose(got, model(input_ids=ids).logits, atol=1e-4)  # not the svd cut
+
+
 def test_asvd_beats_svd_on_its_own_calibration_inputs():
     """On inputs with covariance C, the whitened rank-b delta has the lower error E||(D - D_b) x||^2."""
     from qdylora.ranks import svd_truncate
