@@ -129,10 +129,15 @@ def recipes() -> dict[str, dict[str, Any]]:
     }
 
 
+# own idea 7: where the short run's healing starts at rank b: its svd cut (own idea 6), its prefix
+# cut in the run's own factors (A[:b], B[:, :b]: what `qdylora heal --method prefix` does), or that
+# same prefix delta refactored into balanced SVD factors (the function of prefix, the factors of svd)
+SHORT_STARTS = ("svd", "prefix", "bprefix")
 TRAINED = ["paper", "balanced", "lw_anchor", "matryoshka", "const_scale", "lw_anchor_both"]
 ARM_ORDER = ["dedicated", "lora_rmax_prefix", "lora_rmax_svd", "lora_rmax_asvd", "lora_rmax_fsvd"] + \
     [f"{n}{cut}" for n in TRAINED for cut in ("", "+svd", "+asvd", "+fsvd")] + \
-    ["lora_rmax_svd+heal", "lora_rmax_fsvd+heal", "lora_short_svd+heal", "dedicated_cooldown"]
+    ["lora_rmax_svd+heal", "lora_rmax_fsvd+heal"] + [f"lora_short_{c}+heal" for c in SHORT_STARTS] + \
+    ["dedicated_cooldown"]
 
 
 # -- the metric ------------------------------------------------------------------------------
@@ -643,8 +648,9 @@ def run_seed(task: dict[str, Any], args: argparse.Namespace, seed: int, arms: li
                 f"r{b} {v:.5f}" for b, v in res[f"lora_rmax_{cut}+heal"]["ranks"].items()), flush=True)
     del model
     gc.collect()
-    if "lora_short_svd+heal" in arms:
-        res["lora_short_svd+heal"] = short_healed(task, args, seed, tag)
+    starts = [c for c in SHORT_STARTS if f"lora_short_{c}+heal" in arms]
+    if starts:
+        res.update(short_healed(task, args, seed, tag, starts))
     if "dedicated_cooldown" in arms:
         res["dedicated_cooldown"] = cooled(task, args, seed, tag)
 
@@ -717,23 +723,47 @@ def healed(model, task: dict[str, Any], args: argparse.Namespace, seed: int, cut
     return {"ranks": out, "cpu": cpu}
 
 
-def short_healed(task: dict[str, Any], args: argparse.Namespace, seed: int, tag: str) -> dict[str, Any]:
-    """Own idea 6: a plain r_max run of args.steps - args.heal_steps steps, then EVERY rank b
-    (r_max included: its svd cut is the run itself in its SVD basis) cut by svd and healed for
-    args.heal_steps: one shipped rank costs one plain run. cpu = the short run + every healing;
-    cpu_one_rank = the short run + the dearest single healing."""
+def prefix_factors(model, b: int, *, balanced: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer name: (A', B')}: each layer's prefix cut at rank b as a rank-b PEFT adapter's factors:
+    the run's own (A[:b], B[:, :b]) (the same alpha gives the rank-b adapter scale alpha/b, what
+    rank_scope(b) applies), or with `balanced` the same rank-b delta refactored by `svd_truncate`
+    (exact: a rank-b delta kept at rank b) into balanced factors, as the svd cut's are."""
+    dr = DynamicRank.of(model)
+    out = {}
+    for name, layer in lora_layers(dr.model, dr.adapter_name):
+        a = layer.lora_A[dr.adapter_name].weight.detach()[:b].clone()
+        bb = layer.lora_B[dr.adapter_name].weight.detach()[:, :b].clone()
+        if balanced:
+            scale = lora_scale(layer.lora_alpha[dr.adapter_name], b, dr.use_rslora)
+            a, bb = svd_truncate(a, bb, scale, b, scale)
+            a, bb = a.to(layer.lora_A[dr.adapter_name].weight.dtype), bb.to(layer.lora_B[dr.adapter_name].weight.dtype)
+        out[name] = (a, bb)
+    return out
+
+
+def short_healed(task: dict[str, Any], args: argparse.Namespace, seed: int, tag: str,
+                 starts: list[str]) -> dict[str, dict[str, Any]]:
+    """Own ideas 6 and 7: a plain r_max run of args.steps - args.heal_steps steps, then EVERY rank b
+    (r_max included: its svd cut is the run itself in its SVD basis) cut by each of `starts`
+    (SHORT_STARTS) and healed for args.heal_steps: one shipped rank costs one plain run.
+    {arm: {"ranks", "cpu": the short run + every healing, "cpu_one_rank": the short run + the
+    dearest single healing}}."""
     model, cpu_short, *_ = train(task, args, seed, r=args.r_max, recipe=None, steps=args.steps - args.heal_steps)
-    out, heal_cpus = {}, []
-    for b in args.ranks:
-        c0 = time.process_time()
-        init = cut_factors(model, b)
-        cut_cpu = time.process_time() - c0
-        out[str(b)], cpu = _continue(task, args, seed, init, b)
-        heal_cpus.append(cut_cpu + cpu)
+    res = {}
+    for start in starts:
+        out, heal_cpus = {}, []
+        for b in args.ranks:
+            c0 = time.process_time()
+            init = cut_factors(model, b) if start == "svd" else prefix_factors(model, b, balanced=start == "bprefix")
+            cut_cpu = time.process_time() - c0
+            out[str(b)], cpu = _continue(task, args, seed, init, b)
+            heal_cpus.append(cut_cpu + cpu)
+        print(f"{tag} lora_short_{start}+heal: " + "  ".join(f"r{b} {v:.5f}" for b, v in out.items()), flush=True)
+        res[f"lora_short_{start}+heal"] = {"ranks": out, "cpu": cpu_short + sum(heal_cpus),
+                                          "cpu_one_rank": cpu_short + max(heal_cpus)}
     del model
     gc.collect()
-    print(f"{tag} lora_short_svd+heal: " + "  ".join(f"r{b} {v:.5f}" for b, v in out.items()), flush=True)
-    return {"ranks": out, "cpu": cpu_short + sum(heal_cpus), "cpu_one_rank": cpu_short + max(heal_cpus)}
+    return res
 
 
 def cooled(task: dict[str, Any], args: argparse.Namespace, seed: int, tag: str) -> dict[str, Any]:
@@ -1019,7 +1049,9 @@ def plot(data: dict[str, Any], png_path: Path) -> None:
             style = dict(color=colors(families.index(family) % 10), marker="oxs^*"[["", "svd", "asvd", "fsvd", "heal"].index(cut)],
                          markersize=4, linestyle={"": "-", "svd": ":", "asvd": "-.", "fsvd": (0, (5, 2)), "heal": "-"}[cut])
             if cut == "heal":  # healed cuts: the family's colour would hide them among the plain run's lines
-                style.update(color="crimson" if "fsvd" in name else "darkorange", linewidth=2, markersize=7)
+                color = ("crimson" if "fsvd" in name else "teal" if "bprefix" in name else
+                         "purple" if "prefix" in name else "darkorange")
+                style.update(color=color, linewidth=2, markersize=7)
         ax.plot(ranks, ys, label=name, **style)
     ax.axhline(data["zero_shot_excess"], color="grey", linewidth=0.8, label="zero-shot")
     if data.get("oracle"):  # zero (to rounding) at ranks >= the planted rank: not drawn on a log axis

@@ -27,7 +27,10 @@ Training runs (one JSON per run and seed; all readouts of one run come from that
   the run's steps at 0.3x its LR, constant, data order seed + 100: planted.py's +heal; `HEAL`);
 - `plain-short`: the same plain run SHORTENED by the healing steps (45 + 5 demo steps, 90 + 10 on
   GSM8K), read out only as `lora_short_svd+heal`: EVERY rank, r_max included, healed as above, so
-  one shipped rank costs one plain run's steps (planted.py's own idea 6);
+  one shipped rank costs one plain run's steps (planted.py's own idea 6); also read as
+  `lora_short_prefix+heal` (readout `pheal`: the healing starts from the prefix cut, the run's own
+  factors A[:b], B[:, :b], what `qdylora heal --method prefix` does) and `lora_short_bprefix+heal`
+  (`bpheal`: that prefix delta refactored into balanced SVD factors first): planted.py's own idea 7;
 - `paper`: QDyLoRA paper recipe (QDyLoraConfig preset "paper"), read as `paper` (prefix,
   today's default), `paper+svd`, `paper+asvd`;
 - `lw_anchor`: quality.py's lw-anchor (loss weight inverse_scale + anchor r_max), read as
@@ -75,7 +78,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from paper_table import GSM8K_DIR, TEMPLATE, answer_loss  # noqa: E402
-from planted import batch_covariances, cut_factors, output_fishers, svd_at_rank, whitening  # noqa: E402  (one activation-aware SVD for both yardsticks)
+from planted import batch_covariances, cut_factors, output_fishers, prefix_factors, svd_at_rank, whitening  # noqa: E402  (one activation-aware SVD for both yardsticks)
 
 import qdylora  # noqa: E402
 from qdylora import QDyLoraConfig, QDyLoraTrainer, load_model, rank_scope  # noqa: E402
@@ -106,7 +109,10 @@ RECIPES: dict[str, dict[str, Any]] = {
 # issue asks for; paper+asvd / lw_anchor / lw_anchor+asvd are left out to fit the time budget
 READOUTS: dict[str, list[str]] = {"plain": ["prefix", "svd", "asvd", "fsvd"], "paper": ["prefix", "svd"], "lw_anchor": ["svd"],
                                    "plain-short": ["pheal", "heal"]}
-METHODS = ("prefix", "svd", "asvd", "fsvd", "heal", "pheal")
+METHODS = ("prefix", "svd", "asvd", "fsvd", "heal", "pheal", "bpheal")
+# healing readouts -> where the healing starts (planted.py's SHORT_STARTS): the svd cut, the prefix
+# cut in the run's own factors, the prefix cut refactored into balanced SVD factors
+HEAL_STARTS = {"heal": "svd", "pheal": "prefix", "bpheal": "bprefix"}
 # "heal" (planted.py's lora_rmax_svd+heal, 30 of 300 steps at 3e-4 = 0.3x its LR): each rank's svd cut
 # as a fresh rank-b adapter, trained alone for a tenth of the run's steps at 0.3x its LR, constant
 HEAL = {"steps_fraction": 0.1, "lr_factor": 0.3, "data_seed_offset": 100}
@@ -127,6 +133,7 @@ ARMS: dict[str, tuple[str, str]] = {
     "lora_rmax_svd+heal": ("plain", "heal"),
     "lora_short_svd+heal": ("plain-short", "heal"),
     "lora_short_prefix+heal": ("plain-short", "pheal"),
+    "lora_short_bprefix+heal": ("plain-short", "bpheal"),
     "lora_rmax_prefix+heal": ("plain", "pheal"),
     "paper": ("paper", "prefix"),
     "paper+svd": ("paper", "svd"),
@@ -193,16 +200,6 @@ def calibration(model: Any, methods: list[str], ctx: dict[str, Any], task: str):
     return roots, out_roots
 
 
-def prefix_factors(model: Any, b: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{layer name: (A[:b], B[:, :b])}: the prefix cut as a rank-b PEFT adapter's factors (a rank-b
-    adapter with the same alpha has scale alpha/b, exactly what rank_scope(model, b) applies)."""
-    from qdylora.ranks import DynamicRank, lora_layers
-
-    dr = DynamicRank.of(model)
-    return {n: (layer.lora_A[dr.adapter_name].weight[:b].clone(), layer.lora_B[dr.adapter_name].weight[:, :b].clone())
-            for n, layer in lora_layers(dr.model, dr.adapter_name)}
-
-
 def rank_b_student(base: Any, cut: dict[str, tuple[torch.Tensor, torch.Tensor]], b: int) -> Any:
     """A fresh rank-b PEFT LoRA adapter on `base` (alpha ALPHA, all linears, as every run here) holding
     the factors `cut` ({layer name: (A, B)}, e.g. `cut_factors` or `prefix_factors`)."""
@@ -222,14 +219,14 @@ def rank_b_student(base: Any, cut: dict[str, tuple[torch.Tensor, torch.Tensor]],
 
 def healed(model: Any, task: str, b: int, seed: int, ctx: dict[str, Any],
            start: str = "svd") -> tuple[dict[str, float], float]:
-    """The `start` cut (svd or prefix) of the r_max `model` at rank b, loaded into a fresh rank-b PEFT
+    """The `start` cut (svd, prefix or bprefix: `HEAL_STARTS`) of the r_max `model` at rank b, loaded into a fresh rank-b PEFT
     adapter and trained alone (`HEAL`): its answer loss per split, and the CPU seconds of the healing
     training. The product's `qdylora heal --method svd|prefix` does the same."""
     from transformers import Trainer, TrainingArguments
 
     cfg = TASKS[task]
     # planted.py's svd cut (PEFT's rank-b scaling folded in), or the prefix slice
-    cut = cut_factors(model, b) if start == "svd" else prefix_factors(model, b)
+    cut = cut_factors(model, b) if start == "svd" else prefix_factors(model, b, balanced=start == "bprefix")
     student = rank_b_student(load_model(ctx["model"]), cut, b)
     extra = {"optim": cfg["optim"]} if cfg["optim"] else {}
     data_seed = seed + HEAL["data_seed_offset"]
@@ -263,14 +260,14 @@ def read_out(model: Any, task: str, r: int, methods: list[str], ctx: dict[str, A
         res: dict[str, dict[str, float]] = {split: {} for split in cfg["splits"]}
         prefix = out.get("prefix") or done.get("prefix")
         for b in ranks:
-            if b == r and method not in ("prefix", "pheal") and prefix is not None:
+            if b == r and method in ("svd", "asvd", "fsvd") and prefix is not None:
                 # at b = r_max svd/asvd/fsvd keep the whole delta (the same adapter up to float
                 # rounding, 1e-6 relative): reuse the prefix numbers instead of more evaluation passes
                 for split in cfg["splits"]:
                     res[split][str(b)] = prefix[split][str(b)]
                 continue
-            if method in ("heal", "pheal"):
-                losses, cpu = healed(model, task, b, seed, ctx, start="svd" if method == "heal" else "prefix")
+            if method in HEAL_STARTS:
+                losses, cpu = healed(model, task, b, seed, ctx, start=HEAL_STARTS[method])
                 for split in cfg["splits"]:
                     res[split][str(b)] = losses[split]
                 res.setdefault("heal_cpu_seconds", {})[str(b)] = cpu

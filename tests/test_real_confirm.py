@@ -123,6 +123,14 @@ def test_prefix_factors_are_the_prefix_cut_as_a_rank_b_adapter(tmp_path):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         with rank_scope(model, b, method="svd"):
             assert not torch.allclose(got, model(input_ids=ids).logits, atol=1e-4)  # not the svd cut
+        # planted.py's bprefix start: the same delta (so the same logits), in balanced factors
+        balanced = real.prefix_factors(model, b, balanced=True)
+        student = real.rank_b_student(load_model(str(tmp_path / "base"), load_in_4bit=False,
+                                                 prepare_for_training=False), balanced, b).eval()
+        torch.testing.assert_close(student(input_ids=ids).logits, want, rtol=1e-4, atol=5e-5)
+        for n, (a, bb) in balanced.items():
+            torch.testing.assert_close(a.norm(dim=1), bb.norm(dim=0), rtol=1e-4, atol=1e-6)
+            assert not torch.allclose(a, real.prefix_factors(model, b)[n][0], atol=1e-4)
 
 
 def test_asvd_beats_svd_on_its_own_calibration_inputs():

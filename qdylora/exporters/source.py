@@ -57,8 +57,6 @@ class RankPair:
     scale: float
 
 
-
-
 class SourceAdapter:
     """A checked adapter folder, its tensors in memory (adapters are small)."""
 
