@@ -253,7 +253,7 @@ def read_out(model: Any, task: str, r: int, methods: list[str], ctx: dict[str, A
     (a dedicated adapter: its own rank, prefix only). `done`: readouts already measured (their
     r_max numbers are reused: at b = r_max every cut keeps the whole delta)."""
     cfg = TASKS[task]
-    ranks = cfg["ranks"] if r == cfg["r_max"] else [r]
+    ranks = (ctx.get("ranks") or cfg["ranks"]) if r == cfg["r_max"] else [r]
     roots, out_roots = calibration(model, methods, ctx, task)
     out: dict[str, Any] = {}
     for method in methods:
@@ -355,7 +355,10 @@ def main_readout(args: argparse.Namespace) -> None:
         path = RUNS / args.task / f"{args.run}-s{seed}.json"
         if not path.is_file():
             sys.exit(f"{path} does not exist: measure the run first (real.py run {args.task} {args.run} --seeds {seed})")
-    ctx = context(args)
+    ranks = [int(b) for b in args.ranks.split(",")] if args.ranks else None
+    if ranks and not set(ranks) <= set(cfg["ranks"]):
+        sys.exit(f"--ranks {args.ranks}: choose from {cfg['ranks']}")
+    ctx = context(args) | {"ranks": ranks}
     for seed in seeds:
         path = RUNS / args.task / f"{args.run}-s{seed}.json"
         rec = json.loads(path.read_text())
@@ -381,7 +384,8 @@ def main_readout(args: argparse.Namespace) -> None:
         rec.setdefault("added_readouts", []).append({
             "methods": todo, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
             "command": (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')} python benchmarks/real.py "
-                        f"readout {args.task} {args.run} --methods {','.join(todo)} --seeds {seed}"),
+                        f"readout {args.task} {args.run} --methods {','.join(todo)} --seeds {seed}"
+                        + (f" --ranks {args.ranks}" if args.ranks else "")),
             "finished": time.strftime("%Y-%m-%d %H:%M")})
         write_json_atomic(path, rec)
         del model
@@ -636,6 +640,7 @@ def main(argv: list[str] | None = None) -> None:
     ro.add_argument("--methods", required=True, help=f"comma-separated, from {','.join(METHODS)}")
     ro.add_argument("--seeds", default="0")
     ro.add_argument("--force", action="store_true", help="measure methods already recorded again")
+    ro.add_argument("--ranks", default=None, help="comma-separated subset of the task's ranks (default: all)")
     ro.add_argument("--model", default=None)
     rep = sub.add_parser("report")
     rep.add_argument("--chosen", default="dedicated,lora_rmax_prefix,lora_rmax_svd,lora_rmax_asvd,lora_rmax_fsvd,lora_rmax_svd+heal,"
