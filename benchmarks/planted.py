@@ -56,6 +56,10 @@ Arms (keys of results/planted.json):
 - lora_short_svd+heal (own idea 6, the compute bar): the same healing at EVERY rank, r_max included,
   from a plain r_max run SHORTENED by the healing steps (`--steps` - `--heal-steps`: 270 + 30), so
   one shipped rank costs one plain run; `cost_one_rank` records that, `cost` all ranks healed;
+- lora_short_prefix+heal, lora_short_bprefix+heal (own idea 7): the same shortened run and
+  healing, started from each rank's PREFIX cut instead, in the run's own factors (A[:b], B[:, :b])
+  or refactored into balanced SVD factors (`prefix_factors`): which of the cut and the factors
+  matters (on GSM8K the prefix start healed better, on the demo task the svd start);
 - dedicated_cooldown (a stronger limit for own idea 6): each rank's dedicated run shortened the
   same way, then continued from its own factors for `--heal-steps` at `--heal-lr`, data order
   seed + 100: the healing's LR drop without the r_max start, so a gain from the cooldown alone
@@ -101,7 +105,7 @@ from qdylora.trainer_ext.trainer import QDyLoraMixin  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 EXTRAS = ["planted.fp32.json", "planted.asvd.json", "planted.fsvd.json", "planted.heal.json", "planted.budget.json",
-          "planted.600steps.json"]  # the report's sections after the main one, in this order
+          "planted.starts.json", "planted.600steps.json"]  # the report's sections after the main one, in this order
 ALPHA = 16
 
 # The training recipes. paper and balanced are QDyLoraConfig presets; lw_anchor is issue 8's
