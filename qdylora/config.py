@@ -336,9 +336,11 @@ class HealSettings:
         None, "The rank to heal, or 'recommended' (the sweep's pick, with its method). The train YAML's heal: "
         "section needs it and heals into <output_dir>/qdylora-healed/rank-<b>/; `qdylora heal` takes --rank.",
     )
-    method: Method | None = setting(
+    method: Method | list[Method] | None = setting(
         None, "How the rank-b cut is read before healing; unset: the adapter's own reading (svd for a plain "
-        "run, prefix for a QDyLoRA run; the sweep's method for 'recommended').",
+        "run, prefix for a QDyLoRA run; the sweep's method for 'recommended'). Several (svd,prefix): heal "
+        "from each and keep the better on the eval data (which heals better depends on the task: "
+        "benchmarks/results/real.md); each costs a healing run.",
     )
     steps: int | None = setting(None, "Healing steps; unset: steps_fraction x the run's training.max_steps.", min=1)
     steps_fraction: float = setting(0.1, "Healing steps as a fraction of the run's training.max_steps.", min=0)
@@ -350,11 +352,23 @@ class HealSettings:
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.method, (str, list, tuple)):  # "svd,prefix" or a list: one method stays a string
+            methods = check_methods(self.method)
+            self.method = methods[0] if len(methods) == 1 else methods
         check_fields(self)
         if is_int(self.rank) and self.rank < 1:
             raise InputError(f"rank must be an integer >= 1 or 'recommended', got {self.rank!r}")
         if self.steps is None and self.steps_fraction <= 0:
             raise InputError(f"steps_fraction must be > 0 (or give steps), got {self.steps_fraction!r}")
+
+    @property
+    def methods(self) -> list[str | None]:
+        """The cuts to heal from ([None]: the adapter's own reading)."""
+        return list(self.method) if isinstance(self.method, list) else [self.method]
+
+
+HEAL_NEEDS_EVAL = ("heal.method lists several cuts, and the better healed one is kept by the eval metric: give "
+                   "eval_data or eval_size and keep sweep.enabled, or name one method")
 
 
 def export_problem(export: ExportSettings, sweep: SweepSettings, has_eval: bool, key: dict[str, str],

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import (
-    ExportSettings, HealSettings, QDyLoraConfig, SampleSettings, SweepSettings, check_keys, describe, export_problem,
+    HEAL_NEEDS_EVAL, ExportSettings, HealSettings, QDyLoraConfig, SampleSettings, SweepSettings, check_keys,
+    describe, export_problem,
 )
 from .data import DataSpec
 from .distributed import accumulation_for, check_training_engine, world_size
@@ -236,12 +237,15 @@ def _check_heal(heal: HealSettings, resolved: QDyLoraConfig, sweep: SweepSetting
         raise InputError("heal: give the rank to heal: rank: B (an integer) or rank: recommended (the sweep's pick)")
     if is_int(heal.rank):
         resolved.check_ranks([heal.rank], what="heal.rank")
-    problem = export_problem(ExportSettings(ranks=[heal.rank], method=heal.method), sweep, has_eval, {
-        "ranks": "heal.rank", "method": "heal.method", "enabled": "sweep.enabled: true",
-        "methods": "sweep.methods", "eval": "eval_data or eval_size"}, resolved.sweep_methods,
-        full_rank_only=not resolved.lower_ranks_trained)
-    if problem:
-        raise InputError(problem)
+    if len(heal.methods) > 1 and not (sweep.enabled and has_eval):
+        raise InputError(HEAL_NEEDS_EVAL)
+    for method in heal.methods:
+        problem = export_problem(ExportSettings(ranks=[heal.rank], method=method), sweep, has_eval, {
+            "ranks": "heal.rank", "method": "heal.method", "enabled": "sweep.enabled: true",
+            "methods": "sweep.methods", "eval": "eval_data or eval_size"}, resolved.sweep_methods,
+            full_rank_only=not resolved.lower_ranks_trained)
+        if problem:
+            raise InputError(problem)
     if heal.steps is None and int(training.get("max_steps", -1)) <= 0:
         raise InputError("heal: training has no max_steps to take heal.steps_fraction of; give heal.steps")
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ExportSettings, HealSettings, QDyLoraConfig, SweepSettings, check_methods
+from .config import HEAL_NEEDS_EVAL, ExportSettings, HealSettings, QDyLoraConfig, SweepSettings, check_methods
 from .errors import InputError, check_creatable, is_int
 from .recipe import Recipe
 from .sweep_result import SweepResult, save_sweep
@@ -113,6 +114,9 @@ class HealResult:
         if after is not None:
             was = f"{before:.4f} as cut (the run's sweep) -> " if before is not None else ""
             lines.append(f"{metric} at rank {i['rank']}: {was}{after:.4f} healed")
+        if "tried" in i:
+            each = ", ".join(f"{m} {t['healed_' + metric]:.4f}" for m, t in i["tried"].items())
+            lines.append(f"healed from each cut: {each}; kept {i['method']}")
         return lines
 
 
@@ -130,6 +134,10 @@ def heal(recipe: Recipe, rank: int | str, out: str | os.PathLike, settings: Heal
     written to a temporary folder and renamed into place, refused if it exists (unless
     `overwrite`) or is the run or the base being read (`inside_run`: a new subfolder of the
     run is allowed, as the YAML's heal: section writes; the run's own files are only read).
+    With several `settings.method`s, rank b (for "recommended": the sweep's pick) is healed
+    from each cut in turn, the same way, and the better on the eval data is kept
+    (qdylora_heal.json's "tried" has every cut's numbers): which start heals better depends
+    on the task (benchmarks/results/real.md: prefix on GSM8K, svd on the demo and planted tasks).
 
     Why: on every task we measured, the cut of one plain r_max run, healed this way, is as
     good as a run trained for that rank (benchmarks/results/planted.md, real.md) at a tenth of
@@ -137,6 +145,7 @@ def heal(recipe: Recipe, rank: int | str, out: str | os.PathLike, settings: Heal
     """
     import dataclasses
 
+    from .adapter_io import check_adapter
     from .distributed import world_size
     from .exporters import export_adapter
     from .exporters.source import SourceAdapter
@@ -146,9 +155,19 @@ def heal(recipe: Recipe, rank: int | str, out: str | os.PathLike, settings: Heal
     if world_size() > 1:
         raise InputError("qdylora heal runs in one process; to heal on several, export the cut and train it with "
                          "`lora_model_dir:` in a train YAML under accelerate launch")
+    methods = settings.methods
+    if len(methods) > 1 and not (recipe.sweep.enabled and (recipe.eval_data or recipe.eval_size)):
+        raise InputError(HEAL_NEEDS_EVAL)
     source_dir = Path(adapter_dir if adapter_dir is not None else recipe.training["output_dir"])
-    source = SourceAdapter.open(source_dir, method=settings.method)
-    b, method = source.resolve(rank, settings.method)
+    for method in methods[1:]:
+        check_adapter(source_dir, methods=[method])  # the prefix rule of each cut, before any work
+    source = SourceAdapter.open(source_dir, method=methods[0])
+    if len(methods) == 1:
+        b, method = source.resolve(rank, methods[0])
+        picks = [(b, method)]
+    else:  # one rank for every cut: "recommended" is the sweep's pick, whatever its method
+        b = source.resolve_rank(rank, "svd")  # (the prefix cut's warning, if any, comes from resolve)
+        picks = [source.resolve(b, m) for m in methods]
     training = dict(recipe.training)
     steps = settings.steps
     if steps is None:
@@ -166,26 +185,40 @@ def heal(recipe: Recipe, rank: int | str, out: str | os.PathLike, settings: Heal
     if "data_seed" in training:
         training["data_seed"] = int(training["data_seed"]) + settings.seed_offset
     sweep_settings = SweepSettings(enabled=recipe.sweep.enabled, ranks=[b], methods=["svd"])  # rank b = its r_max
+    recorded = source.sweep()  # the run's: each cut's number, before healing
     with staged_output(out, overwrite=overwrite, protect=[source_dir, recipe.model], inside_ok=inside_run) as tmp, \
             tempfile.TemporaryDirectory(prefix="qdylora-cut-") as scratch:
-        cut = export_adapter(source_dir, Path(scratch) / "cut", b, method=method)
-        healing = dataclasses.replace(
-            recipe, lora={}, lora_model_dir=str(cut), qdylora=QDyLoraConfig.preset("plain"),
-            training={**training, "output_dir": str(tmp)}, sweep=sweep_settings, export=ExportSettings(),
-            samples=dataclasses.replace(recipe.samples, ranks=[b]) if recipe.samples else None, heal=None,
-        )
-        healing.training_args()  # TrainingArguments' own checks, before the model loads
-        result = run(healing, overwrite=True)
-        recorded = source.sweep()  # the run's: the cut's number, before healing
-        measured = result.sweep or recorded
-        metric = measured.metric if measured else "eval_loss"
-        cut_value = recorded.by_method.get(method, {}).get(b, {}).get(metric) if recorded else None
-        healed_value = result.sweep.results.get(b, {}).get(metric) if result.sweep else None
+        tried: dict[str, dict[str, Any]] = {}
+        for b, method in picks:
+            cut = export_adapter(source_dir, Path(scratch) / f"cut-{method}", b, method=method)
+            target = tmp if len(picks) == 1 else Path(scratch) / f"healed-{method}"
+            healing = dataclasses.replace(
+                recipe, lora={}, lora_model_dir=str(cut), qdylora=QDyLoraConfig.preset("plain"),
+                training={**training, "output_dir": str(target)}, sweep=sweep_settings, export=ExportSettings(),
+                samples=dataclasses.replace(recipe.samples, ranks=[b]) if recipe.samples else None, heal=None,
+            )
+            healing.training_args()  # TrainingArguments' own checks, before the model loads
+            result = run(healing, overwrite=True)
+            measured = result.sweep or recorded
+            metric = measured.metric if measured else "eval_loss"
+            tried[method] = {
+                "dir": target, "metric": metric, "greater": bool(measured and measured.greater_is_better),
+                "cut": recorded.by_method.get(method, {}).get(b, {}).get(metric) if recorded else None,
+                "healed": result.sweep.results.get(b, {}).get(metric) if result.sweep else None}
+        # several cuts: keep the better healed one (every healing measured rank b on the same eval data)
+        method = min(tried, key=lambda m: -tried[m]["healed"] if tried[m]["greater"] else tried[m]["healed"]) \
+            if len(tried) > 1 else next(iter(tried))
+        kept = tried[method]
+        if kept["dir"] != tmp:
+            shutil.copytree(kept["dir"], tmp, dirs_exist_ok=True)
+        metric = kept["metric"]
         info = {"source": str(source_dir.resolve()), "rank": b, "method": method, "steps": steps,
                 "learning_rate": learning_rate, "lr_scheduler_type": "constant", "seed": seed,
                 "metric": metric,
                 "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "rank"},
-                "cut_" + metric: cut_value, "healed_" + metric: healed_value}
+                "cut_" + metric: kept["cut"], "healed_" + metric: kept["healed"]}
+        if len(tried) > 1:
+            info["tried"] = {m: {"cut_" + metric: t["cut"], "healed_" + metric: t["healed"]} for m, t in tried.items()}
         (tmp / HEAL_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return HealResult(Path(out), info)
 

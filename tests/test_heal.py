@@ -199,6 +199,42 @@ def test_heal_section_heals_after_the_run_as_qdylora_heal_does(tiny_llama, arith
     assert _tree(run_dir) == before
 
 
+def test_heal_from_several_cuts_keeps_the_better_one(tiny_llama, arithmetic_data, tmp_path):
+    """--method svd,prefix heals rank b from each cut, exactly as --method svd and --method prefix do
+    alone (same tensors, bit for bit), and keeps the one with the lower eval loss; qdylora_heal.json
+    records both. Without eval data to choose on it is one line, before anything is written."""
+    cfg = _yaml(tmp_path, "run.yaml", tiny_llama, arithmetic_data, tmp_path / "run",
+                lora={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}, sweep={"ranks": [1, 2, 8]})
+    assert _invoke(["train", str(cfg)]).exit_code == 0  # a plain run: its sweep measures svd and prefix
+    single = {}
+    for m in ("svd", "prefix"):
+        res = _invoke(["heal", str(cfg), "--rank", "2", "--method", m, "--out", str(tmp_path / m)])
+        assert res.exit_code == 0, res.output
+        single[m] = json.loads((tmp_path / m / "qdylora_heal.json").read_text())
+    res = _invoke(["heal", str(cfg), "--rank", "2", "--method", "svd,prefix", "--out", str(tmp_path / "both")])
+    assert res.exit_code == 0, res.output
+    info = json.loads((tmp_path / "both" / "qdylora_heal.json").read_text())
+    metric = info["metric"]
+    healed = {m: single[m]["healed_" + metric] for m in single}
+    assert healed["svd"] != healed["prefix"]  # the two starts heal to different adapters
+    winner = min(healed, key=healed.get)
+    assert info["method"] == winner and info["healed_" + metric] == healed[winner]
+    assert info["tried"] == {m: {"cut_" + metric: single[m]["cut_" + metric], "healed_" + metric: healed[m]}
+                             for m in ("svd", "prefix")}
+    got = load_file(tmp_path / "both" / "adapter_model.safetensors")
+    want = load_file(tmp_path / winner / "adapter_model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert f"kept {winner}" in res.output
+    no_eval = yaml.safe_load(cfg.read_text())
+    del no_eval["eval_data"]
+    (tmp_path / "no-eval.yaml").write_text(yaml.safe_dump(no_eval))
+    res = _invoke(["heal", str(tmp_path / "no-eval.yaml"), "--rank", "2", "--method", "svd,prefix",
+                   "--out", str(tmp_path / "o")])
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1 and "lists several cuts" in lines[0], res.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_bad_heal_section_is_one_line_before_training(tiny_llama, arithmetic_data, tmp_path):
     def fails(needle, **extra):
         cfg = _yaml(tmp_path, "c.yaml", tiny_llama, arithmetic_data, tmp_path / "o",
@@ -214,6 +250,9 @@ def test_bad_heal_section_is_one_line_before_training(tiny_llama, arithmetic_dat
     fails("rank='best' is not allowed", heal={"rank": "best"})
     fails("heal.rank lists 'recommended'", heal={"rank": "recommended"}, sweep={"enabled": False})
     fails("heal.method is prefix", heal={"rank": 2, "method": "prefix"}, sweep={"methods": ["svd"]})
+    fails("heal.method lists several cuts", qdylora={"r_min": 1}, heal={"rank": 2, "method": ["svd", "prefix"]},
+          sweep={"enabled": False})
+    fails("choose one of prefix, svd", heal={"rank": 2, "method": "svd,pca"})
     fails("heal key", heal={"rank": 2, "stpes": 3})
     fails("no max_steps", heal={"rank": 2},
           training={"output_dir": str(tmp_path / "o"), "num_train_epochs": 1, "disable_tqdm": True})
