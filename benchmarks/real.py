@@ -134,6 +134,9 @@ ARMS: dict[str, tuple[str, str]] = {
     "lora_short_svd+heal": ("plain-short", "heal"),
     "lora_short_prefix+heal": ("plain-short", "pheal"),
     "lora_short_bprefix+heal": ("plain-short", "bpheal"),
+    # per rank and seed, the healed adapter with the lower VAL loss of the two starts (its test and
+    # transfer reported): what `qdylora heal --method svd,prefix` ships; two healings per rank
+    "lora_short_best+heal": ("plain-short", "best:heal,pheal"),
     "lora_rmax_prefix+heal": ("plain", "pheal"),
     "paper": ("paper", "prefix"),
     "paper+svd": ("paper", "svd"),
@@ -453,6 +456,17 @@ def arm_values(task: str, runs: dict[str, dict[int, dict[str, Any]]], arm: str, 
                 if v is not None:
                     out.setdefault(seed, {})[str(b)] = v
         return out
+    if method.startswith("best:"):  # chosen on val, rank by rank
+        choices = method[len("best:"):].split(",")
+        for seed, r in runs.get(run, {}).items():
+            got = r["readouts"]
+            if not all(m in got and split in got[m] for m in choices):
+                continue
+            for b in got[choices[0]]["val"]:
+                if all(b in got[m]["val"] and b in got[m][split] for m in choices):
+                    pick = min(choices, key=lambda m: got[m]["val"][b])
+                    out.setdefault(seed, {})[b] = got[pick][split][b]
+        return out
     for seed, r in runs.get(run, {}).items():
         if split in r["readouts"].get(method, {}):
             out[seed] = dict(r["readouts"][method][split])
@@ -644,7 +658,7 @@ def main(argv: list[str] | None = None) -> None:
     ro.add_argument("--model", default=None)
     rep = sub.add_parser("report")
     rep.add_argument("--chosen", default="dedicated,lora_rmax_prefix,lora_rmax_svd,lora_rmax_asvd,lora_rmax_fsvd,lora_rmax_svd+heal,"
-                                         "lora_short_svd+heal,paper")
+                                         "lora_short_svd+heal,lora_short_prefix+heal,lora_short_best+heal,paper")
     args = p.parse_args(argv)
     if args.command == "run":
         for r in args.runs:

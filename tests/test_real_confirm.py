@@ -179,3 +179,26 @@ def test_report_reads_transfer_split_and_reused_runs_without_it(tmp_path, monkey
     assert rows["| lora_rmax_prefix"].split(" | ")[1:] == ["0.500", "0.500", "0.500", "0.500 |"]
     rows = {line.split(" | ")[0]: line for line in real.ratio_table(data, "dedicated", "transfer")}
     assert rows["| lora_rmax_svd"].split(" | ")[1:] == ["", "", "", "2.000 |"]  # only r64 measured by both
+
+
+def test_best_of_two_healings_is_chosen_on_val_rank_by_rank(tmp_path, monkeypatch):
+    """lora_short_best+heal (what `qdylora heal --method svd,prefix` ships): per seed and rank, the
+    start with the lower VAL loss; its test and transfer numbers are that same start's, never the
+    better of the two on test."""
+    import json
+
+    monkeypatch.setattr(real, "RUNS", tmp_path / "real")
+    monkeypatch.setattr(real, "RESULTS", tmp_path)
+    monkeypatch.setattr(real, "ROOT", tmp_path)
+    (tmp_path / "real" / "gsm8k").mkdir(parents=True)
+    short = {"run": "plain-short", "seed": 0, "r": 64, "readouts": {
+        "heal": {"val": {"1": 0.9, "4": 0.5, "16": 0.5, "64": 0.5}, "test": {"1": 0.1, "4": 0.6, "16": 0.6, "64": 0.6},
+                 "transfer": {"1": 2.0, "4": 2.0, "16": 2.0, "64": 2.0}},
+        "pheal": {"val": {"1": 0.8, "4": 0.7, "16": 0.7, "64": 0.7}, "test": {"1": 0.9, "4": 0.1, "16": 0.1, "64": 0.1},
+                  "transfer": {"1": 3.0, "4": 3.0, "16": 3.0, "64": 3.0}}}}
+    (tmp_path / "real" / "gsm8k" / "plain-short-s0.json").write_text(json.dumps(short))
+    best = real.summarise("gsm8k")["arms"]["lora_short_best+heal"]
+    assert best["ranks"] == {"1": 0.8, "4": 0.5, "16": 0.5, "64": 0.5}  # pheal at r1, heal above
+    assert best["test"] == {"1": 0.9, "4": 0.6, "16": 0.6, "64": 0.6}  # the val pick's test, not the lower
+    assert best["transfer"] == {"1": 3.0, "4": 2.0, "16": 2.0, "64": 2.0}
+    assert not best["one_run"]
