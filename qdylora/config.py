@@ -333,12 +333,12 @@ class HealSettings:
     0.90-0.94x at rank 1 on the demo task (validation)."""
 
     rank: int | Literal["recommended"] | None = setting(
-        None, "The rank to heal, or 'recommended' (the sweep's pick, with its method). The train YAML's heal: "
+        None, "The rank to heal, or 'recommended' (the sweep's pick). The train YAML's heal: "
         "section needs it and heals into <output_dir>/qdylora-healed/rank-<b>/; `qdylora heal` takes --rank.",
     )
     method: Method | list[Method] | None = setting(
         None, "How the rank-b cut is read before healing; unset: the adapter's own reading (svd for a plain "
-        "run, prefix for a QDyLoRA run; the sweep's method for 'recommended'). Several (svd,prefix): heal "
+        "run, prefix for a QDyLoRA run), also for 'recommended' (the sweep's rank). Several (svd,prefix): heal "
         "from each and keep the better on the eval data (which heals better depends on the task: "
         "benchmarks/results/real.md); each costs a healing run.",
     )

@@ -129,7 +129,8 @@ def heal(recipe: Recipe, rank: int | str, out: str | os.PathLike, settings: Heal
     constant, with seed + seed_offset, and measures rank b on the recipe's eval data.
 
     `adapter_dir` is the run's adapter (default: the recipe's training.output_dir); `rank` an
-    integer or "recommended" (the run's sweep's pick, with its method). `out` receives a
+    integer or "recommended" (the run's sweep's pick; healed from `settings.method`'s cut, by
+    default the adapter's own reading, svd for a plain run, not the sweep's method). `out` receives a
     standard PEFT LoRA adapter of rank b (+ qdylora_config.json, qdylora_heal.json); it is
     written to a temporary folder and renamed into place, refused if it exists (unless
     `overwrite`) or is the run or the base being read (`inside_run`: a new subfolder of the
@@ -162,12 +163,17 @@ def heal(recipe: Recipe, rank: int | str, out: str | os.PathLike, settings: Heal
     for method in methods[1:]:
         check_adapter(source_dir, methods=[method])  # the prefix rule of each cut, before any work
     source = SourceAdapter.open(source_dir, method=methods[0])
-    if len(methods) == 1:
-        b, method = source.resolve(rank, methods[0])
-        picks = [(b, method)]
-    else:  # one rank for every cut: "recommended" is the sweep's pick, whatever its method
+    if methods[0] is not None and len(methods) == 1:  # as `export adapter --rank R --method M`
+        picks = [source.resolve(rank, methods[0])]
+    else:
+        # the adapter's own reading (None), or several cuts: one rank for all, "recommended" being
+        # the sweep's pick whatever the method it was picked under. The sweep ranks UNHEALED cuts,
+        # and that order does not tell which start heals better (benchmarks/results/real.md: on the
+        # demo task the prefix cut is the better cut and the worse start), so the default start
+        # stays the adapter's own reading (svd for a plain run), as every healing measured there.
         b = source.resolve_rank(rank, "svd")  # (the prefix cut's warning, if any, comes from resolve)
         picks = [source.resolve(b, m) for m in methods]
+    b = picks[0][0]
     training = dict(recipe.training)
     steps = settings.steps
     if steps is None:

@@ -3,6 +3,7 @@ PEFT LoRA adapter further) and `qdylora heal`, which exports the rank-b cut and 
 (benchmarks/results/planted.md: a healed cut matches a run trained for that rank)."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -202,7 +203,8 @@ def test_heal_section_heals_after_the_run_as_qdylora_heal_does(tiny_llama, arith
 def test_heal_from_several_cuts_keeps_the_better_one(tiny_llama, arithmetic_data, tmp_path):
     """--method svd,prefix heals rank b from each cut, exactly as --method svd and --method prefix do
     alone (same tensors, bit for bit), and keeps the one with the lower eval loss; qdylora_heal.json
-    records both. Without eval data to choose on it is one line, before anything is written."""
+    records both. --rank recommended heals the sweep's rank from the svd cut even if the sweep picked
+    prefix. Without eval data to choose on it is one line, before anything is written."""
     cfg = _yaml(tmp_path, "run.yaml", tiny_llama, arithmetic_data, tmp_path / "run",
                 lora={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}, sweep={"ranks": [1, 2, 8]})
     assert _invoke(["train", str(cfg)]).exit_code == 0  # a plain run: its sweep measures svd and prefix
@@ -225,6 +227,20 @@ def test_heal_from_several_cuts_keeps_the_better_one(tiny_llama, arithmetic_data
     want = load_file(tmp_path / winner / "adapter_model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert f"kept {winner}" in res.output
+    # 'recommended' is the sweep's rank; the start stays the adapter's own reading (svd for a plain run)
+    # even where the sweep picked prefix (which start heals better is not what the sweep measures)
+    shutil.copytree(tmp_path / "run", tmp_path / "run-p")
+    stored = json.loads((tmp_path / "run-p" / "qdylora_config.json").read_text())
+    stored["sweep"].update(recommended_rank=2, recommended_method="prefix")
+    (tmp_path / "run-p" / "qdylora_config.json").write_text(json.dumps(stored))
+    res = _invoke(["heal", str(cfg), "--rank", "recommended", "--adapter", str(tmp_path / "run-p"),
+                   "--out", str(tmp_path / "rec")])
+    assert res.exit_code == 0, res.output
+    rec = json.loads((tmp_path / "rec" / "qdylora_heal.json").read_text())
+    assert (rec["rank"], rec["method"]) == (2, "svd")
+    got = load_file(tmp_path / "rec" / "adapter_model.safetensors")
+    want = load_file(tmp_path / "svd" / "adapter_model.safetensors")
+    assert all(torch.equal(got[k], want[k]) for k in want)
     no_eval = yaml.safe_load(cfg.read_text())
     del no_eval["eval_data"]
     (tmp_path / "no-eval.yaml").write_text(yaml.safe_dump(no_eval))
