@@ -366,9 +366,12 @@ class HealSettings:
         """The cuts to heal from ([None]: the adapter's own reading)."""
         return list(self.method) if isinstance(self.method, list) else [self.method]
 
-
-HEAL_NEEDS_EVAL = ("heal.method lists several cuts, and the better healed one is kept by the eval metric: give "
-                   "eval_data or eval_size and keep sweep.enabled, or name one method")
+    def check_choosable(self, *, sweep_enabled: bool, has_eval: bool) -> None:
+        """Several cuts need a measured eval metric to keep the better healed one (the YAML's
+        `heal:` before training, `workflow.heal` before healing)."""
+        if len(self.methods) > 1 and not (sweep_enabled and has_eval):
+            raise InputError("heal.method lists several cuts, and the better healed one is kept by the eval metric: "
+                             "give eval_data or eval_size and keep sweep.enabled, or name one method")
 
 
 def export_problem(export: ExportSettings, sweep: SweepSettings, has_eval: bool, key: dict[str, str],

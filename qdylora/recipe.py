@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import (
-    HEAL_NEEDS_EVAL, ExportSettings, HealSettings, QDyLoraConfig, SampleSettings, SweepSettings, check_keys,
+    ExportSettings, HealSettings, QDyLoraConfig, SampleSettings, SweepSettings, check_keys,
     describe, export_problem,
 )
 from .data import DataSpec
@@ -237,8 +237,7 @@ def _check_heal(heal: HealSettings, resolved: QDyLoraConfig, sweep: SweepSetting
         raise InputError("heal: give the rank to heal: rank: B (an integer) or rank: recommended (the sweep's pick)")
     if is_int(heal.rank):
         resolved.check_ranks([heal.rank], what="heal.rank")
-    if len(heal.methods) > 1 and not (sweep.enabled and has_eval):
-        raise InputError(HEAL_NEEDS_EVAL)
+    heal.check_choosable(sweep_enabled=sweep.enabled, has_eval=has_eval)
     for method in heal.methods:
         problem = export_problem(ExportSettings(ranks=[heal.rank], method=method), sweep, has_eval, {
             "ranks": "heal.rank", "method": "heal.method", "enabled": "sweep.enabled: true",

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import HEAL_NEEDS_EVAL, ExportSettings, HealSettings, QDyLoraConfig, SweepSettings, check_methods
+from .config import ExportSettings, HealSettings, QDyLoraConfig, SweepSettings, check_methods
 from .errors import InputError, check_creatable, is_int
 from .recipe import Recipe
 from .sweep_result import SweepResult, save_sweep
@@ -146,7 +146,6 @@ def heal(recipe: Recipe, rank: int | str, out: str | os.PathLike, settings: Heal
     """
     import dataclasses
 
-    from .adapter_io import check_adapter
     from .distributed import world_size
     from .exporters import export_adapter
     from .exporters.source import SourceAdapter
@@ -157,12 +156,9 @@ def heal(recipe: Recipe, rank: int | str, out: str | os.PathLike, settings: Heal
         raise InputError("qdylora heal runs in one process; to heal on several, export the cut and train it with "
                          "`lora_model_dir:` in a train YAML under accelerate launch")
     methods = settings.methods
-    if len(methods) > 1 and not (recipe.sweep.enabled and (recipe.eval_data or recipe.eval_size)):
-        raise InputError(HEAL_NEEDS_EVAL)
+    settings.check_choosable(sweep_enabled=recipe.sweep.enabled, has_eval=bool(recipe.eval_data or recipe.eval_size))
     source_dir = Path(adapter_dir if adapter_dir is not None else recipe.training["output_dir"])
-    for method in methods[1:]:
-        check_adapter(source_dir, methods=[method])  # the prefix rule of each cut, before any work
-    source = SourceAdapter.open(source_dir, method=methods[0])
+    source = SourceAdapter.open(source_dir, methods=methods)  # the prefix rule of each cut, before any work
     if methods[0] is not None and len(methods) == 1:  # as `export adapter --rank R --method M`
         picks = [source.resolve(rank, methods[0])]
     else:

@@ -83,7 +83,7 @@ def export_adapter(
     Returns:
         `out_dir`.
     """
-    source = SourceAdapter.open(adapter_dir, force=force, method=method)
+    source = SourceAdapter.open(adapter_dir, force=force, methods=[method])
     b, method = source.resolve(rank, method)
     target = _pad_target(b, pad_to, vllm)
     served = check_vllm(source, [exported_config(source, b, target)]) if vllm else None
@@ -112,7 +112,7 @@ def export_adapters(
     unless `inside_adapter` (a subfolder of the run, as the Axolotl plugin writes).
     Returns {rank: folder}.
     """
-    source = SourceAdapter.open(adapter_dir, force=force, method=method)
+    source = SourceAdapter.open(adapter_dir, force=force, methods=[method])
     if method is None and any(isinstance(r, str) and r.strip().lower() == "recommended" for r in ranks):
         method = source.resolve("recommended")[1]
     method = method or source.default_method

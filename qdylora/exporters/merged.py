@@ -123,7 +123,7 @@ def export_merged(
     """
     from tqdm.auto import tqdm
 
-    source = SourceAdapter.open(adapter_dir, force=force, method=method)
+    source = SourceAdapter.open(adapter_dir, force=force, methods=[method])
     b, method = source.resolve(rank, method)
     if dtype not in DTYPES:
         raise InputError(f"dtype={dtype!r} is not allowed; choose one of {', '.join(DTYPES)}")

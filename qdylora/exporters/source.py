@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,17 +72,18 @@ class SourceAdapter:
 
     # -- reading ------------------------------------------------------------------------
     @classmethod
-    def open(cls, adapter_dir: str | os.PathLike, *, force: bool = False, method: str | None = None) -> SourceAdapter:
+    def open(cls, adapter_dir: str | os.PathLike, *, force: bool = False,
+             methods: Sequence[str | None] = ()) -> SourceAdapter:
         """Read and check an adapter folder.
 
         Raises `InputError` for a folder that is not a complete PEFT LoRA adapter, for
         unreadable weights, for DoRA, and for an unmeasured prefix cut of an adapter trained
         at its full rank only (`check_adapter`: allowed with `force` or after a sweep that
-        measured prefix; svd needs neither).
+        measured prefix; svd needs neither). `methods` are the cuts the caller will read (None
+        in it: the adapter's own reading).
         """
-        if method is not None:
-            check_method(method)
-        files = check_adapter(adapter_dir, force=force, methods=[method] if method else None)
+        named = [check_method(m) for m in methods if m is not None]
+        files = check_adapter(adapter_dir, force=force, methods=named or None)
         tensors = read_safetensors(files.path / WEIGHTS_NAME)
         return cls(files, tensors)
 
