@@ -334,7 +334,8 @@ class HealSettings:
 
     rank: int | Literal["recommended"] | None = setting(
         None, "The rank to heal, or 'recommended' (the sweep's pick). The train YAML's heal: "
-        "section needs it and heals into <output_dir>/qdylora-healed/rank-<b>/; `qdylora heal` takes --rank.",
+        "section needs it and heals into <output_dir>/qdylora-healed/rank-<b>/; `qdylora heal` takes --rank; with "
+        "Axolotl the plugin writes the cut and the healing run's config (<output_dir>/qdylora-healed/rank-<b>.yml).",
     )
     method: Method | list[Method] | None = setting(
         None, "How the rank-b cut is read before healing; unset: the adapter's own reading (svd for a plain "
@@ -342,8 +343,11 @@ class HealSettings:
         "from each and keep the better on the eval data (which heals better depends on the task: "
         "benchmarks/results/real.md); each costs a healing run.",
     )
-    steps: int | None = setting(None, "Healing steps; unset: steps_fraction x the run's training.max_steps.", min=1)
-    steps_fraction: float = setting(0.1, "Healing steps as a fraction of the run's training.max_steps.", min=0)
+    steps: int | None = setting(None, "Healing steps; unset: steps_fraction x the run's steps.", min=1)
+    steps_fraction: float = setting(
+        0.1, "Healing steps as a fraction of the run's steps (training.max_steps; with Axolotl the steps it took).",
+        min=0,
+    )
     lr_factor: float = setting(
         0.3, "Healing learning rate as a multiple of the run's training.learning_rate (constant, no warmup).", min=0,
     )
@@ -366,12 +370,40 @@ class HealSettings:
         """The cuts to heal from ([None]: the adapter's own reading)."""
         return list(self.method) if isinstance(self.method, list) else [self.method]
 
-    def check_choosable(self, *, sweep_enabled: bool, has_eval: bool) -> None:
+    def check_choosable(self, *, sweep_enabled: bool, has_eval: bool, key: dict[str, str] | None = None) -> None:
         """Several cuts need a measured eval metric to keep the better healed one (the YAML's
-        `heal:` before training, `workflow.heal` before healing)."""
+        `heal:` before training, `workflow.heal` before healing). `key`: `HEAL_KEYS`' names."""
+        key = key or HEAL_KEYS
         if len(self.methods) > 1 and not (sweep_enabled and has_eval):
-            raise InputError("heal.method lists several cuts, and the better healed one is kept by the eval metric: "
-                             "give eval_data or eval_size and keep sweep.enabled, or name one method")
+            raise InputError(f"{key['method']} lists several cuts, and the better healed one is kept by the eval "
+                             f"metric: give {key['eval']} and keep {key['enabled']}, or name one method")
+
+
+# the settings `check_heal` and `export_problem` name, as the train YAML spells them
+HEAL_KEYS = {"rank": "heal.rank", "method": "heal.method", "enabled": "sweep.enabled: true", "methods": "sweep.methods",
+             "eval": "eval_data or eval_size"}
+
+
+def check_heal(heal: HealSettings, config: QDyLoraConfig, sweep: SweepSettings, has_eval: bool,
+               key: dict[str, str] | None = None) -> None:
+    """What healing a rank needs from the run, checked before training (the train YAML's `heal:`,
+    the Axolotl plugin's qdylora_heal_* keys; `workflow.heal` would refuse it after): a rank in the
+    trained range, or 'recommended' from a sweep that measures its method; a cut the run can be
+    read at (`export_problem`, as for the exports); an eval metric to choose between several cuts.
+    `config` is resolved (r_max known); `key` names the settings as the user wrote them (`HEAL_KEYS`)."""
+    key = key or HEAL_KEYS
+    if heal.rank is None:
+        raise InputError(f"give the rank to heal: {key['rank']}: B (an integer) or {key['rank']}: recommended "
+                         "(the sweep's pick)")
+    if is_int(heal.rank):
+        config.check_ranks([heal.rank], what=key["rank"])
+    heal.check_choosable(sweep_enabled=sweep.enabled, has_eval=has_eval, key=key)
+    for method in heal.methods:
+        problem = export_problem(ExportSettings(ranks=[heal.rank], method=method), sweep, has_eval,
+                                 {**key, "ranks": key["rank"]}, config.sweep_methods,
+                                 full_rank_only=not config.lower_ranks_trained)
+        if problem:
+            raise InputError(problem)
 
 
 def export_problem(export: ExportSettings, sweep: SweepSettings, has_eval: bool, key: dict[str, str],

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import (
-    ExportSettings, HealSettings, QDyLoraConfig, SampleSettings, SweepSettings, check_keys,
+    ExportSettings, HealSettings, QDyLoraConfig, SampleSettings, SweepSettings, check_heal, check_keys,
     describe, export_problem,
 )
 from .data import DataSpec
@@ -230,21 +230,9 @@ def _data_spec(raw: Any, key: str, base_dir: str | os.PathLike) -> DataSpec:
 
 def _check_heal(heal: HealSettings, resolved: QDyLoraConfig, sweep: SweepSettings, has_eval: bool,
                 training: dict[str, Any]) -> None:
-    """What `heal:` needs from the run, checked before training (`workflow.heal` would refuse it after):
-    a rank in the trained range or 'recommended' from a sweep that measures its method, a cut
-    the run can be read at (`export_problem`, as for the exports), and steps to take a fraction of."""
-    if heal.rank is None:
-        raise InputError("heal: give the rank to heal: rank: B (an integer) or rank: recommended (the sweep's pick)")
-    if is_int(heal.rank):
-        resolved.check_ranks([heal.rank], what="heal.rank")
-    heal.check_choosable(sweep_enabled=sweep.enabled, has_eval=has_eval)
-    for method in heal.methods:
-        problem = export_problem(ExportSettings(ranks=[heal.rank], method=method), sweep, has_eval, {
-            "ranks": "heal.rank", "method": "heal.method", "enabled": "sweep.enabled: true",
-            "methods": "sweep.methods", "eval": "eval_data or eval_size"}, resolved.sweep_methods,
-            full_rank_only=not resolved.lower_ranks_trained)
-        if problem:
-            raise InputError(problem)
+    """What `heal:` needs from the run, checked before training: `check_heal`'s rules, and steps
+    to take a fraction of."""
+    check_heal(heal, resolved, sweep, has_eval)
     if heal.steps is None and int(training.get("max_steps", -1)) <= 0:
         raise InputError("heal: training has no max_steps to take heal.steps_fraction of; give heal.steps")
 

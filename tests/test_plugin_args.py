@@ -114,12 +114,78 @@ def test_preset_values_stand_unless_a_key_is_set():
         ({"qdylora_export_ranks": ["best"]}, "qdylora_export_ranks"),
         ({"qdylora_preset": "plain", "qdylora_export_ranks": [4], "qdylora_export_method": "prefix",
           "qdylora_sweep_methods": ["svd"]}, "qdylora_export_method is prefix, but this run trains only its full rank"),
+        # healing: the same rules as the train YAML's heal: section (config.check_heal), Axolotl's key names
+        ({"qdylora_heal_rank": 17}, "qdylora_heal_rank [17] outside the trained range 1..16"),
+        ({"qdylora_heal_rank": 0}, "qdylora_heal_rank must be an integer >= 1"),
+        ({"qdylora_heal_rank": "best"}, "qdylora_heal_rank"),
+        ({"qdylora_heal_rank": "recommended", "val_set_size": 0.0}, "give val_set_size (or test_datasets)"),
+        ({"qdylora_heal_rank": 4, "qdylora_heal_method": ["svd", "prefix"], "qdylora_sweep": False},
+         "qdylora_heal_method lists several cuts"),
+        ({"qdylora_preset": "plain", "qdylora_heal_rank": 4, "qdylora_heal_method": "prefix",
+          "qdylora_sweep_methods": ["svd"]}, "qdylora_heal_method is prefix, but this run trains only its full rank"),
+        ({"qdylora_heal_steps": 5}, "qdylora_heal_steps set but qdylora_heal_rank is not"),
+        ({"qdylora_heal_rank": 4, "qdylora_heal_lr_factor": -1}, "qdylora_heal_lr_factor"),
     ],
 )
 def test_bad_settings_fail_with_a_message_naming_the_fix(overrides, message):
     with pytest.raises(ValidationError) as info:
         Merged.model_validate(_cfg(**overrides))
     assert message in str(info.value)
+
+
+def test_healing_config_is_the_runs_yaml_with_the_healing_keys(trained, tmp_path):
+    """qdylora_heal_rank: the cut exported beside the run (bit for bit `export_adapter`'s) and the
+    run's YAML turned into the healing run (HealSettings' rule), valid for the plugin's checks; the
+    run's files untouched. The real `axolotl train` of it is in test_axolotl.py."""
+    import hashlib
+    import shutil
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from qdylora.config import HealSettings
+    from qdylora.exporters import export_adapter
+    from qdylora.plugin.heal import prepare_healing
+
+    run_dir = tmp_path / "out"
+    shutil.copytree(trained.adapter_dir, run_dir)
+    run = {"base_model": "./tiny", "adapter": "qlora", "lora_r": 8, "lora_alpha": 16, "plugins": [PLUGIN],
+           "qdylora_r_min": 1, "qdylora_heal_rank": "recommended", "qdylora_export_ranks": [2],
+           "datasets": [{"path": "./train.jsonl", "ds_type": "json"}], "val_set_size": 0.25, "output_dir": "./out",
+           "learning_rate": 0.002, "warmup_ratio": 0.1, "hub_model_id": "me/run", "resume_from_checkpoint": "x",
+           "seed": 7, "micro_batch_size": 4}
+    (tmp_path / "run.yml").write_text(yaml.safe_dump(run))
+    digest = lambda: {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in run_dir.iterdir() if p.is_file()}  # noqa: E731
+    before = digest()
+
+    lines = prepare_healing(run_dir, tmp_path / "run.yml", HealSettings(rank="recommended"), rank=4, run_steps=30,
+                            learning_rate=0.002, seed=7)
+    healed = run_dir.resolve() / "qdylora-healed"
+    cut = healed / "cut-prefix" / "rank-4"
+    cfg = yaml.safe_load((healed / "rank-4.yml").read_text())
+    assert cfg.pop("learning_rate") == pytest.approx(0.002 * 0.3)
+    kept = {k: v for k, v in run.items() if not k.startswith("qdylora_")
+            and k not in ("hub_model_id", "warmup_ratio", "resume_from_checkpoint", "learning_rate")}
+    assert cfg == {**kept, "lora_model_dir": str(cut), "lora_r": 4, "max_steps": 3, "lr_scheduler": "constant",
+                   "warmup_steps": 0, "seed": 107, "output_dir": str(healed / "rank-4"), "qdylora_preset": "plain",
+                   "qdylora_eval_ranks": [4], "qdylora_sweep_methods": ["svd"]}
+    Merged.model_validate(cfg)  # the plugin's own checks accept it (lora_r = b, preset plain)
+    assert any(f"axolotl train {healed / 'rank-4.yml'}" in line for line in lines)
+    ref = export_adapter(trained.adapter_dir, tmp_path / "ref", 4)
+    got, want = load_file(cut / "adapter_model.safetensors"), load_file(ref / "adapter_model.safetensors")
+    assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in got)
+    assert digest() == before
+
+    # several cuts: one cut and one config per method, 5 steps each; run them and keep the lower eval loss
+    lines = prepare_healing(run_dir, tmp_path / "run.yml", HealSettings(rank=4, method=["svd", "prefix"], steps=5),
+                            rank=4, run_steps=30, learning_rate=0.002, seed=7)
+    for method in ("svd", "prefix"):
+        cfg = yaml.safe_load((healed / f"rank-4-{method}.yml").read_text())
+        assert (cfg["lora_model_dir"], cfg["max_steps"]) == (str(healed / f"cut-{method}" / "rank-4"), 5)
+        assert cfg["output_dir"] == str(healed / f"rank-4-{method}")
+    assert "lower eval loss" in lines[-2]
+    assert "not known" in prepare_healing(run_dir, None, HealSettings(rank=4), rank=4, run_steps=30,
+                                          learning_rate=0.002, seed=7)[0]
 
 
 def test_checks_only_apply_when_the_plugin_is_listed():
@@ -187,10 +253,11 @@ def test_docs_list_every_key_as_derived():
 def test_keys_are_the_dataclass_fields_with_their_defaults():
     import dataclasses
 
-    from qdylora.config import ExportSettings, SweepSettings
+    from qdylora.config import ExportSettings, HealSettings, SweepSettings
 
     fields = QDyLoraArgs.model_fields
-    for cls, prefix in ((QDyLoraConfig, "qdylora_"), (SweepSettings, "qdylora_sweep_"), (ExportSettings, "qdylora_export_")):
+    for cls, prefix in ((QDyLoraConfig, "qdylora_"), (SweepSettings, "qdylora_sweep_"), (ExportSettings, "qdylora_export_"),
+                        (HealSettings, "qdylora_heal_")):
         for f in dataclasses.fields(cls):
             key = f.metadata.get("axolotl", prefix + f.name)
             if key is False:
@@ -200,8 +267,10 @@ def test_keys_are_the_dataclass_fields_with_their_defaults():
             assert fields[key].default == default and fields[key].description == f.metadata["help"], key
     assert "qdylora_r_max" not in fields  # Axolotl's lora_r
     m = Merged.model_validate(_cfg(qdylora_sweep_methods=["svd", "prefix"], qdylora_export_method="svd",
-                                   qdylora_export_ranks=[2]))
-    _, sweep, export = m.to_settings(m.lora_r)
+                                   qdylora_export_ranks=[2], qdylora_heal_rank="recommended",
+                                   qdylora_heal_method=["svd", "prefix"], qdylora_heal_steps=7))
+    _, sweep, export, heal = m.to_settings(m.lora_r)
     assert sweep.methods == ["svd", "prefix"] and (export.method, export.ranks) == ("svd", [2])
+    assert (heal.rank, heal.methods, heal.steps, heal.lr_factor) == ("recommended", ["svd", "prefix"], 7, 0.3)
     with pytest.raises(ValidationError, match="qdylora_sweep_methods"):
         Merged.model_validate(_cfg(qdylora_sweep_methods="pca"))

@@ -2,9 +2,9 @@
 
 The keys are DERIVED from the settings dataclasses of `qdylora.config`, never listed here:
 `qdylora_<field>` for each `QDyLoraConfig` field (r_max excepted: it is Axolotl's
-`lora_r`), `qdylora_sweep_<field>` for `SweepSettings` (`enabled` is `qdylora_sweep`) and
-`qdylora_export_<field>` for `ExportSettings`, with the same defaults and help; plus
-`qdylora_preset`. So a new field of those dataclasses is a new Axolotl key at once.
+`lora_r`), `qdylora_sweep_<field>` for `SweepSettings` (`enabled` is `qdylora_sweep`),
+`qdylora_export_<field>` for `ExportSettings` and `qdylora_heal_<field>` for `HealSettings`,
+with the same defaults and help; plus `qdylora_preset`. So a new field of those dataclasses is a new Axolotl key at once.
 
 The values are checked by the dataclasses themselves (one source of truth for what a
 valid setting is), together with the parts of the Axolotl config QDyLoRA depends on: a
@@ -25,7 +25,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, Field, create_model, model_validator
 
-from ..config import RECOMMENDED, ExportSettings, QDyLoraConfig, SweepSettings, export_problem
+from ..config import RECOMMENDED, ExportSettings, HealSettings, QDyLoraConfig, SweepSettings, check_heal, export_problem
 from ..errors import InputError
 
 PLUGIN = "qdylora.plugin.QDyLoraPlugin"
@@ -33,7 +33,12 @@ ADAPTERS = ("lora", "qlora")
 # Axolotl's fused LoRA kernels compute B(A x) from the weights in one op: no truncation.
 FUSED_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
 # settings dataclass -> prefix of its Axolotl keys
-SECTIONS: dict[type, str] = {QDyLoraConfig: "qdylora_", SweepSettings: "qdylora_sweep_", ExportSettings: "qdylora_export_"}
+SECTIONS: dict[type, str] = {QDyLoraConfig: "qdylora_", SweepSettings: "qdylora_sweep_", ExportSettings: "qdylora_export_",
+                              HealSettings: "qdylora_heal_"}
+# the settings `check_heal` and `export_problem` name, as an Axolotl config spells them
+EVAL_KEY = "val_set_size (or test_datasets)"
+HEAL_KEYS = {"rank": "qdylora_heal_rank", "method": "qdylora_heal_method", "enabled": "qdylora_sweep: true",
+             "methods": "qdylora_sweep_methods", "eval": EVAL_KEY}
 
 
 def axolotl_keys(cls: type) -> dict[str, str]:
@@ -97,7 +102,7 @@ class _Checks(BaseModel):
         if hasattr(self, "plugins") and not listed(self.plugins):
             return self  # Axolotl keeps plugins of earlier configs registered in-process
         lora_r = getattr(self, "lora_r", None)  # present when merged into Axolotl's config
-        config, sweep, export = self.to_settings(lora_r)  # each dataclass checks its own values
+        config, sweep, export, heal = self.to_settings(lora_r)  # each dataclass checks its own values
         if export.ranks:
             try:
                 config.check_ranks([r for r in export.ranks if r != RECOMMENDED], what="qdylora_export_ranks")
@@ -107,14 +112,25 @@ class _Checks(BaseModel):
             has_eval = bool(getattr(self, "val_set_size", 0)) or bool(getattr(self, "test_datasets", None))
             problem = export_problem(export, sweep, has_eval, {
                 "ranks": "qdylora_export_ranks", "method": "qdylora_export_method", "enabled": "qdylora_sweep: true",
-                "methods": "qdylora_sweep_methods", "eval": "val_set_size (or test_datasets)"},
+                "methods": "qdylora_sweep_methods", "eval": EVAL_KEY},
                 config.sweep_methods if lora_r else ["prefix"],
                 full_rank_only=bool(lora_r) and not config.lower_ranks_trained)
             if problem:
                 raise ValueError(problem)
+            if heal.rank is None:
+                given = sorted(k for k in axolotl_keys(HealSettings).values() if k in self.model_fields_set)
+                if given:
+                    raise ValueError(f"{', '.join(given)} set but qdylora_heal_rank is not: set qdylora_heal_rank: B "
+                                     "(or recommended) to heal that rank after the run, or drop them")
+            elif lora_r:
+                try:
+                    check_heal(heal, config, sweep, has_eval, HEAL_KEYS)
+                except InputError as exc:
+                    raise ValueError(str(exc)) from exc
         return self
 
-    def to_settings(self, lora_r: int | None = None) -> tuple[QDyLoraConfig, SweepSettings, ExportSettings]:
+    def to_settings(self, lora_r: int | None = None) -> tuple[QDyLoraConfig, SweepSettings, ExportSettings,
+                                                               HealSettings]:
         """The settings these keys describe (r_max = Axolotl's lora_r).
 
         With `qdylora_preset`, the preset's values stand unless a key is set explicitly.
@@ -138,7 +154,7 @@ class _Checks(BaseModel):
                         message = key + message[len(name):]
                         break
                 raise ValueError(f"qdylora_* settings: {message}") from exc
-        return built[0], built[1], built[2]
+        return built[0], built[1], built[2], built[3]
 
     def to_qdylora_config(self, lora_r: int | None = None) -> QDyLoraConfig:
         """The `QDyLoraConfig` these keys describe (r_max = Axolotl's lora_r)."""

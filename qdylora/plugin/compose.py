@@ -5,12 +5,12 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from ..config import ExportSettings, QDyLoraConfig, SweepSettings
+from ..config import ExportSettings, HealSettings, QDyLoraConfig, SweepSettings
 from ..trainer_ext import QDyLoraMixin
 from .args import QDyLoraArgs
 
 
-def settings(cfg: Any) -> tuple[QDyLoraConfig, SweepSettings, ExportSettings]:
+def settings(cfg: Any) -> tuple[QDyLoraConfig, SweepSettings, ExportSettings, HealSettings]:
     """The settings of a validated Axolotl config (its qdylora_* keys, r_max = lora_r)."""
     keys = {k: cfg.get(k) for k in QDyLoraArgs.model_fields if cfg.get(k) is not None}
     # the keys were validated with the whole config; the dataclasses check the values again

@@ -21,7 +21,9 @@ What it does, hook by hook:
   save): the steps of `qdylora.workflow` that follow training: first the rank sweep on the
   eval set (rank_sweep.json and rank_sweep.png in output_dir), then, once the adapter is
   in output_dir, qdylora_config.json beside it, the exports of `qdylora_export_ranks` into
-  output_dir/qdylora-exports/rank-<b>/, and the report (the same lines `qdylora train` prints).
+  output_dir/qdylora-exports/rank-<b>/, and the report (the same lines `qdylora train` prints);
+  with `qdylora_heal_rank`, that rank's cut and the config of the short Axolotl run that heals it
+  (`heal.prepare_healing`: output_dir/qdylora-healed/rank-<b>.yml, and the command to run).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ except ImportError as exc:  # pragma: no cover - the lazy import in __init__ rep
         "(install torch first; Axolotl pins its own transformers/peft versions)"
     ) from exc
 
+from ..errors import is_int
 from ..loading import linear_subclasses_quantizable, unquantized_linears
 from ..trainer_ext import QDyLoraMixin
 from .args import FUSED_KERNELS, PLUGIN, QDyLoraArgs, listed
@@ -177,7 +180,24 @@ class QDyLoraPlugin(BasePlugin):
             return
         out = Path(cfg.output_dir)
         record(trainer, out)
-        export_settings = settings(cfg)[2]
+        _, _, export_settings, heal = settings(cfg)
         exports = export(out, export_settings)
         lines = report(out, trainer.qdylora_config.r_max, trainer.rank_sweep, exports, vllm=export_settings.vllm)
+        if heal.rank is not None:
+            lines += self._prepare_healing(cfg, trainer, heal)
         LOG.info("QDyLoRA:\n" + "\n".join(lines))
+
+    @staticmethod
+    def _prepare_healing(cfg: DictDefault, trainer: QDyLoraMixin, heal: Any) -> list[str]:
+        """The cut of qdylora_heal_rank and the config of the Axolotl run that heals it."""
+        from .heal import prepare_healing
+
+        if is_int(heal.rank):
+            rank = heal.rank
+        elif trainer.rank_sweep is not None:
+            rank = trainer.rank_sweep.recommended_rank
+        else:
+            return ["qdylora_heal_rank: recommended, but no sweep ran (no eval set), so there is no rank to heal"]
+        return prepare_healing(cfg.output_dir, cfg.get("axolotl_config_path"), heal, rank=rank,
+                               run_steps=trainer.state.global_step, learning_rate=trainer.args.learning_rate,
+                               seed=trainer.args.seed)
