@@ -31,6 +31,9 @@ Training runs (one JSON per run and seed; all readouts of one run come from that
   `lora_short_prefix+heal` (readout `pheal`: the healing starts from the prefix cut, the run's own
   factors A[:b], B[:, :b], what `qdylora heal --method prefix` does) and `lora_short_bprefix+heal`
   (`bpheal`: that prefix delta refactored into balanced SVD factors first): planted.py's own idea 7;
+- `plain-short2`: the plain run shortened by TWO healings (40 + 2 x 5 demo steps, 80 + 2 x 10 on
+  GSM8K), read out as `heal` and `pheal`: `lora_short2_best+heal` keeps, per rank, the healed
+  adapter better on val, so `qdylora heal --method svd,prefix` after it costs one plain run's steps;
 - `paper`: QDyLoRA paper recipe (QDyLoraConfig preset "paper"), read as `paper` (prefix,
   today's default), `paper+svd`, `paper+asvd`;
 - `lw_anchor`: quality.py's lw-anchor (loss weight inverse_scale + anchor r_max), read as
@@ -108,7 +111,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 # readouts measured per r_max run (each costs ~20 s per rank and split on the demo): the arms the
 # issue asks for; paper+asvd / lw_anchor / lw_anchor+asvd are left out to fit the time budget
 READOUTS: dict[str, list[str]] = {"plain": ["prefix", "svd", "asvd", "fsvd"], "paper": ["prefix", "svd"], "lw_anchor": ["svd"],
-                                   "plain-short": ["pheal", "heal"]}
+                                   "plain-short": ["pheal", "heal"], "plain-short2": ["pheal", "heal"]}
 METHODS = ("prefix", "svd", "asvd", "fsvd", "heal", "pheal", "bpheal")
 # healing readouts -> where the healing starts (planted.py's SHORT_STARTS): the svd cut, the prefix
 # cut in the run's own factors, the prefix cut refactored into balanced SVD factors
@@ -123,8 +126,20 @@ def heal_steps(task: str) -> int:
     return max(1, round(TASKS[task]["steps"] * HEAL["steps_fraction"]))
 
 
-# arm name -> (training run, readout method)
-ARMS: dict[str, tuple[str, str]] = {
+# shortened plain runs -> how many healings of `heal_steps` they give up, so that the run plus that
+# many healings of the shipped rank cost one plain run's steps: plain-short heals from one cut,
+# plain-short2 from both (svd and prefix, the better on val kept: `qdylora heal --method svd,prefix`)
+SHORTENED = {"plain-short": 1, "plain-short2": 2}
+
+
+def train_steps(task: str, run: str) -> int:
+    """Training steps of a run: the task's budget, less the healings a shortened run leaves for later."""
+    return TASKS[task]["steps"] - SHORTENED.get(run, 0) * heal_steps(task)
+
+
+# arm name -> (training run, readout method); a tuple of healing readouts: per rank and seed, the one
+# with the lower VAL loss (its test and transfer reported), what `qdylora heal --method svd,prefix` ships
+ARMS: dict[str, tuple[str, str | tuple[str, ...]]] = {
     "dedicated": ("lora-r*", "prefix"),
     "lora_rmax_prefix": ("plain", "prefix"),
     "lora_rmax_svd": ("plain", "svd"),
@@ -134,9 +149,12 @@ ARMS: dict[str, tuple[str, str]] = {
     "lora_short_svd+heal": ("plain-short", "heal"),
     "lora_short_prefix+heal": ("plain-short", "pheal"),
     "lora_short_bprefix+heal": ("plain-short", "bpheal"),
-    # per rank and seed, the healed adapter with the lower VAL loss of the two starts (its test and
-    # transfer reported): what `qdylora heal --method svd,prefix` ships; two healings per rank
-    "lora_short_best+heal": ("plain-short", "best:heal,pheal"),
+    # two healings per rank after a run shortened by one (1.1x per shipped rank) ...
+    "lora_short_best+heal": ("plain-short", ("heal", "pheal")),
+    # ... or after a run shortened by both (1.0x per shipped rank: 80 + 2 x 10 GSM8K steps, 40 + 2 x 5 demo)
+    "lora_short2_svd+heal": ("plain-short2", "heal"),
+    "lora_short2_prefix+heal": ("plain-short2", "pheal"),
+    "lora_short2_best+heal": ("plain-short2", ("heal", "pheal")),
     "lora_rmax_prefix+heal": ("plain", "pheal"),
     "paper": ("paper", "prefix"),
     "paper+svd": ("paper", "svd"),
@@ -301,7 +319,7 @@ def run_one(task: str, run: str, seed: int, ctx: dict[str, Any]) -> dict[str, An
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=ALPHA, lora_dropout=0.0,
                                              target_modules="all-linear"))
     extra = {"optim": cfg["optim"]} if cfg["optim"] else {}
-    steps = cfg["steps"] - (heal_steps(task) if run == "plain-short" else 0)
+    steps = train_steps(task, run)
     with tempfile.TemporaryDirectory() as scratch:
         targs = TrainingArguments(
             output_dir=scratch, max_steps=steps,
@@ -378,7 +396,7 @@ def main_readout(args: argparse.Namespace) -> None:
             if abs(got - want) > 1e-4 * abs(want):
                 sys.exit(f"{rec['adapter']} gives val {got:.6f} at r{r}, the run recorded {want:.6f}: not its adapter")
             print(f"[{args.task} {args.run} s{seed}] cached adapter reproduces val r{r} {got:.6f}", flush=True)
-        else:  # plain-short records only healed readouts: nothing of the adapter itself to compare with
+        else:  # plain-short(2) records only healed readouts: nothing of the adapter itself to compare with
             print(f"[{args.task} {args.run} s{seed}] no readout of the adapter itself recorded: reading "
                   f"{rec['adapter']} unchecked", flush=True)
         t0, c0 = time.perf_counter(), time.process_time()
@@ -396,7 +414,10 @@ def main_readout(args: argparse.Namespace) -> None:
 
 
 def main_run(args: argparse.Namespace) -> None:
-    ctx = context(args)
+    ranks = [int(b) for b in args.ranks.split(",")] if args.ranks else None
+    if ranks and not set(ranks) <= set(TASKS[args.task]["ranks"]):
+        sys.exit(f"--ranks {args.ranks}: choose from {TASKS[args.task]['ranks']}")
+    ctx = context(args) | {"ranks": ranks}
     model = ctx["model"]
     out_dir = RUNS / args.task
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -416,7 +437,8 @@ def main_run(args: argparse.Namespace) -> None:
                 continue
             res = run_one(args.task, run, seed, ctx)
             res["command"] = (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')} "
-                              f"python benchmarks/real.py run {args.task} {run} --seeds {seed}")
+                              f"python benchmarks/real.py run {args.task} {run} --seeds {seed}"
+                              + (f" --ranks {args.ranks}" if args.ranks else ""))
             res["machine"], res["finished"] = machine, time.strftime("%Y-%m-%d %H:%M")
             write_json_atomic(path, res)
 
@@ -456,8 +478,8 @@ def arm_values(task: str, runs: dict[str, dict[int, dict[str, Any]]], arm: str, 
                 if v is not None:
                     out.setdefault(seed, {})[str(b)] = v
         return out
-    if method.startswith("best:"):  # chosen on val, rank by rank
-        choices = method[len("best:"):].split(",")
+    if isinstance(method, tuple):  # chosen on val, rank by rank
+        choices = method
         for seed, r in runs.get(run, {}).items():
             got = r["readouts"]
             if not all(m in got and split in got[m] for m in choices):
@@ -644,9 +666,11 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train and measure runs")
     run.add_argument("task", choices=sorted(TASKS))
-    run.add_argument("runs", nargs="+", help="plain, plain-short, paper, lw_anchor, lora-rB")
+    run.add_argument("runs", nargs="+", help="plain, plain-short, plain-short2, paper, lw_anchor, lora-rB")
     run.add_argument("--seeds", default="0")
     run.add_argument("--force", action="store_true")
+    run.add_argument("--ranks", default=None, help="read out an r_max run at these of the task's ranks only "
+                     "(comma-separated; default: all)")
     run.add_argument("--model", default=None)
     ro = sub.add_parser("readout", help="add readouts to measured runs from their cached adapters")
     ro.add_argument("task", choices=sorted(TASKS))
@@ -658,11 +682,11 @@ def main(argv: list[str] | None = None) -> None:
     ro.add_argument("--model", default=None)
     rep = sub.add_parser("report")
     rep.add_argument("--chosen", default="dedicated,lora_rmax_prefix,lora_rmax_svd,lora_rmax_asvd,lora_rmax_fsvd,lora_rmax_svd+heal,"
-                                         "lora_short_svd+heal,lora_short_prefix+heal,lora_short_best+heal,paper")
+                                         "lora_short_svd+heal,lora_short_prefix+heal,lora_short_best+heal,lora_short2_best+heal,paper")
     args = p.parse_args(argv)
     if args.command == "run":
         for r in args.runs:
-            ok = r in ("plain", "plain-short", *RECIPES) or (r.startswith("lora-r") and r[6:].isdigit()
+            ok = r in ("plain", *SHORTENED, *RECIPES) or (r.startswith("lora-r") and r[6:].isdigit()
                                               and int(r[6:]) in TASKS[args.task]["ranks"][:-1])
             if not ok:
                 p.error(f"unknown run {r!r} for {args.task}")

@@ -197,8 +197,30 @@ def test_best_of_two_healings_is_chosen_on_val_rank_by_rank(tmp_path, monkeypatc
         "pheal": {"val": {"1": 0.8, "4": 0.7, "16": 0.7, "64": 0.7}, "test": {"1": 0.9, "4": 0.1, "16": 0.1, "64": 0.1},
                   "transfer": {"1": 3.0, "4": 3.0, "16": 3.0, "64": 3.0}}}}
     (tmp_path / "real" / "gsm8k" / "plain-short-s0.json").write_text(json.dumps(short))
-    best = real.summarise("gsm8k")["arms"]["lora_short_best+heal"]
+    # the run shortened by both healings: the same rule on its own readouts (here heal better at r1)
+    short2 = {"run": "plain-short2", "seed": 0, "r": 64, "readouts": {
+        "heal": {s: {b: 2 * v for b, v in got.items()} for s, got in short["readouts"]["pheal"].items()},
+        "pheal": {s: {b: 2 * v for b, v in got.items()} for s, got in short["readouts"]["heal"].items()}}}
+    (tmp_path / "real" / "gsm8k" / "plain-short2-s0.json").write_text(json.dumps(short2))
+    arms = real.summarise("gsm8k")["arms"]
+    best = arms["lora_short_best+heal"]
     assert best["ranks"] == {"1": 0.8, "4": 0.5, "16": 0.5, "64": 0.5}  # pheal at r1, heal above
     assert best["test"] == {"1": 0.9, "4": 0.6, "16": 0.6, "64": 0.6}  # the val pick's test, not the lower
     assert best["transfer"] == {"1": 3.0, "4": 2.0, "16": 2.0, "64": 2.0}
     assert not best["one_run"]
+    best2 = arms["lora_short2_best+heal"]
+    assert best2["ranks"] == {"1": 1.6, "4": 1.0, "16": 1.0, "64": 1.0}  # heal at r1, pheal above
+    assert best2["test"] == {"1": 1.8, "4": 1.2, "16": 1.2, "64": 1.2}
+
+
+def test_shortened_runs_leave_exactly_their_healings_steps():
+    """plain-short gives up one healing's steps, plain-short2 two (the run plus its healings of the
+    shipped rank cost one plain run's steps); other runs train the whole budget."""
+    for task, cfg in real.TASKS.items():
+        heal = real.heal_steps(task)
+        assert heal == round(cfg["steps"] / 10)
+        assert real.train_steps(task, "plain") == cfg["steps"]
+        assert real.train_steps(task, "lora-r1") == cfg["steps"]
+        assert real.train_steps(task, "plain-short") + heal == cfg["steps"]
+        assert real.train_steps(task, "plain-short2") + 2 * heal == cfg["steps"]
+    assert (real.train_steps("demo", "plain-short2"), real.train_steps("gsm8k", "plain-short2")) == (40, 80)
