@@ -365,6 +365,10 @@ class HealSettings:
         if self.steps is None and self.steps_fraction <= 0:
             raise InputError(f"steps_fraction must be > 0 (or give steps), got {self.steps_fraction!r}")
 
+    def steps_for(self, run_steps: int) -> int:
+        """The healing steps: `steps`, else steps_fraction x the run's `run_steps`."""
+        return self.steps if self.steps is not None else max(1, round(run_steps * self.steps_fraction))
+
     @property
     def methods(self) -> list[str | None]:
         """The cuts to heal from ([None]: the adapter's own reading)."""
@@ -572,12 +576,17 @@ def read_json_file(path: str | os.PathLike, what: str, hint: str = "") -> Any:
         raise InputError(f"{what} {path} is not valid JSON: {exc}") from exc
 
 
-def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
-    """Write JSON next to `path` and rename it into place, so a crash leaves the old file."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` next to `path` and rename it into place, so a crash leaves the old file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
+    """Write JSON next to `path` and rename it into place, so a crash leaves the old file."""
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
 
 def _version() -> str:

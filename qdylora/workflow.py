@@ -171,13 +171,11 @@ def heal(recipe: Recipe, rank: int | str, out: str | os.PathLike, settings: Heal
         picks = [source.resolve(b, m) for m in methods]
     b = picks[0][0]
     training = dict(recipe.training)
-    steps = settings.steps
-    if steps is None:
-        run_steps = int(training.get("max_steps", -1))
-        if run_steps <= 0:
-            raise InputError("the recipe's training has no max_steps to take a fraction of; give the healing steps "
-                             "(--steps N)")
-        steps = max(1, round(run_steps * settings.steps_fraction))
+    run_steps = int(training.get("max_steps", -1))
+    if settings.steps is None and run_steps <= 0:
+        raise InputError("the recipe's training has no max_steps to take a fraction of; give the healing steps "
+                         "(--steps N)")
+    steps = settings.steps_for(run_steps)
     learning_rate = float(training.get("learning_rate", 5e-5)) * settings.lr_factor  # 5e-5: TrainingArguments'
     seed = int(training.get("seed", 42)) + settings.seed_offset
     for key in ("warmup_ratio", "warmup_steps", "num_train_epochs", "resume_from_checkpoint"):

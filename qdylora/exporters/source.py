@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..adapter_io import PEFT_PREFIX, WEIGHTS_NAME, AdapterFiles, LoraModule, check_adapter, read_safetensors, recorded_sweep, stored_config
+from ..adapter_io import PEFT_PREFIX, WEIGHTS_NAME, AdapterFiles, LoraModule, check_adapter, read_safetensors, recorded_sweep
 from ..errors import InputError
 from ..ranks import check_method, lora_scale, svd_truncate
 
@@ -91,7 +91,7 @@ class SourceAdapter:
     @property
     def default_method(self) -> str:
         """prefix for a QDyLoRA run, svd for an adapter trained at its full rank only."""
-        return stored_config(self.qdylora, self.r_max).default_method
+        return self.files.default_method
 
     @property
     def use_rslora(self) -> bool:

@@ -20,21 +20,15 @@ No Axolotl import here.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..config import HealSettings
+from ..config import HealSettings, write_text_atomic
 
 # keys of the run's config that must not carry over to the healing run: resuming the run, pushing over
 # its hub repo, its warmup; every qdylora_* key (the healing run is preset plain at lora_r = b)
 NOT_CARRIED = ("resume_from_checkpoint", "auto_resume_from_checkpoints", "hub_model_id", "warmup_ratio",
                "lora_model_dir")
-
-
-def heal_steps(settings: HealSettings, run_steps: int) -> int:
-    """The healing steps: `settings.steps`, else steps_fraction x the steps the run took."""
-    return settings.steps if settings.steps is not None else max(1, round(run_steps * settings.steps_fraction))
 
 
 def heal_config(run: dict[str, Any], *, rank: int, cut_dir: str | os.PathLike, out_dir: str | os.PathLike,
@@ -53,19 +47,12 @@ def heal_config(run: dict[str, Any], *, rank: int, cut_dir: str | os.PathLike, o
 
 
 def write_config(path: Path, cfg: dict[str, Any], header: str) -> None:
-    """`cfg` as YAML at `path` (atomically: a temporary file renamed into place)."""
+    """`cfg` as YAML at `path` (atomically: a temporary file renamed into place), `header` as comments."""
     import yaml
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(f"# {line}\n" for line in header.splitlines()) + yaml.safe_dump(cfg, sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, "".join(f"# {line}\n" for line in header.splitlines())
+                      + yaml.safe_dump(cfg, sort_keys=False))
 
 
 def prepare_healing(output_dir: str | os.PathLike, config_path: str | os.PathLike | None, settings: HealSettings,
@@ -74,8 +61,8 @@ def prepare_healing(output_dir: str | os.PathLike, config_path: str | os.PathLik
     to them (`heal_config`), from the run's YAML at `config_path`. Returns the lines to log."""
     import yaml
 
+    from ..adapter_io import check_adapter
     from ..exporters import export_adapters
-    from ..exporters.source import SourceAdapter
     from ..workflow import HEALED_DIR
 
     out = Path(output_dir).resolve()
@@ -84,9 +71,10 @@ def prepare_healing(output_dir: str | os.PathLike, config_path: str | os.PathLik
                 f"written; heal by hand: README, 'Which pipeline'"]
     run = yaml.safe_load(Path(config_path).read_text())
     healed = out / HEALED_DIR
-    source = SourceAdapter.open(out, methods=settings.methods)
-    methods = [m or source.default_method for m in settings.methods]
-    steps = heal_steps(settings, run_steps)
+    # the configs and shapes only (export_adapters reads the tensors): the prefix rule, the default cut
+    default = check_adapter(out, methods=[m for m in settings.methods if m] or None).default_method
+    methods = [m or default for m in settings.methods]
+    steps = settings.steps_for(run_steps)
     lr, heal_seed = learning_rate * settings.lr_factor, seed + settings.seed_offset
     lines = []
     for method in methods:
