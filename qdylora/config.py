@@ -332,10 +332,11 @@ class HealSettings:
     the dedicated rank-b run on the planted yardstick at every rank, within 2% of it on GSM8K,
     0.90-0.94x at rank 1 on the demo task (validation)."""
 
-    rank: int | Literal["recommended"] | None = setting(
-        None, "The rank to heal, or 'recommended' (the sweep's pick). The train YAML's heal: "
-        "section needs it and heals into <output_dir>/qdylora-healed/rank-<b>/; `qdylora heal` takes --rank; with "
-        "Axolotl the plugin writes the cut and the healing run's config (<output_dir>/qdylora-healed/rank-<b>.yml).",
+    rank: int | Literal["recommended"] | list[int | Literal["recommended"]] | None = setting(
+        None, "The rank to heal, or 'recommended' (the sweep's pick), or a list of them (each healed on its own). The "
+        "train YAML's heal: section needs it and heals into <output_dir>/qdylora-healed/rank-<b>/; `qdylora heal` "
+        "takes --rank or --ranks; with Axolotl the plugin writes each cut and its healing run's config "
+        "(<output_dir>/qdylora-healed/rank-<b>.yml).",
     )
     method: Method | list[Method] | None = setting(
         None, "How the rank-b cut is read before healing; unset: the adapter's own reading (svd for a plain "
@@ -360,14 +361,23 @@ class HealSettings:
             methods = check_methods(self.method)
             self.method = methods[0] if len(methods) == 1 else methods
         check_fields(self)
-        if is_int(self.rank) and self.rank < 1:
-            raise InputError(f"rank must be an integer >= 1 or 'recommended', got {self.rank!r}")
+        if isinstance(self.rank, (list, tuple)):
+            self.rank = sorted({r for r in self.rank if r != RECOMMENDED}) + (
+                [RECOMMENDED] if RECOMMENDED in self.rank else [])  # as ExportSettings.ranks
+        for r in self.ranks:
+            if is_int(r) and r < 1:
+                raise InputError(f"rank must be an integer >= 1 or 'recommended', got {r!r}")
         if self.steps is None and self.steps_fraction <= 0:
             raise InputError(f"steps_fraction must be > 0 (or give steps), got {self.steps_fraction!r}")
 
     def steps_for(self, run_steps: int) -> int:
         """The healing steps: `steps`, else steps_fraction x the run's `run_steps`."""
         return self.steps if self.steps is not None else max(1, round(run_steps * self.steps_fraction))
+
+    @property
+    def ranks(self) -> list[int | str]:
+        """The ranks to heal (one, or the list given), 'recommended' among them as written."""
+        return list(self.rank) if isinstance(self.rank, list) else [] if self.rank is None else [self.rank]
 
     @property
     def methods(self) -> list[str | None]:
@@ -386,6 +396,8 @@ class HealSettings:
 # the settings `check_heal` and `export_problem` name, as the train YAML spells them
 HEAL_KEYS = {"rank": "heal.rank", "method": "heal.method", "enabled": "sweep.enabled: true", "methods": "sweep.methods",
              "eval": "eval_data or eval_size"}
+EXPORT_KEYS = {"ranks": "export.ranks", "method": "export.method", "enabled": "sweep.enabled: true",
+               "methods": "sweep.methods", "eval": "eval_data or eval_size"}
 
 
 def check_heal(heal: HealSettings, config: QDyLoraConfig, sweep: SweepSettings, has_eval: bool,
@@ -399,11 +411,10 @@ def check_heal(heal: HealSettings, config: QDyLoraConfig, sweep: SweepSettings, 
     if heal.rank is None:
         raise InputError(f"give the rank to heal: {key['rank']}: B (an integer) or {key['rank']}: recommended "
                          "(the sweep's pick)")
-    if is_int(heal.rank):
-        config.check_ranks([heal.rank], what=key["rank"])
+    config.check_ranks([r for r in heal.ranks if is_int(r)], what=key["rank"])
     heal.check_choosable(sweep_enabled=sweep.enabled, has_eval=has_eval, key=key)
     for method in heal.methods:
-        problem = export_problem(ExportSettings(ranks=[heal.rank], method=method), sweep, has_eval,
+        problem = export_problem(ExportSettings(ranks=heal.ranks, method=method), sweep, has_eval,
                                  {**key, "ranks": key["rank"]}, config.sweep_methods,
                                  full_rank_only=not config.lower_ranks_trained)
         if problem:

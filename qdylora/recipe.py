@@ -34,7 +34,7 @@ from typing import Any
 
 from .config import (
     ExportSettings, HealSettings, QDyLoraConfig, SampleSettings, SweepSettings, check_heal, check_keys,
-    describe, export_problem,
+    EXPORT_KEYS, describe, export_problem,
 )
 from .data import DataSpec
 from .distributed import accumulation_for, check_training_engine, world_size
@@ -63,7 +63,7 @@ class Recipe:
     sweep: SweepSettings = field(default_factory=SweepSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
     samples: SampleSettings | None = None
-    heal: HealSettings | None = None  # after the run: heal one rank into <output_dir>/qdylora-healed/rank-<b>/
+    heal: HealSettings | None = None  # after the run: heal its rank(s), each into <output_dir>/qdylora-healed/rank-<b>/
     global_batch_size: int | None = None
 
     @classmethod
@@ -122,10 +122,8 @@ class Recipe:
             if ranks:
                 resolved.check_ranks(ranks, what=what)
         has_eval = bool(raw.get("eval_data") or eval_size)
-        problem = export_problem(export, sweep, has_eval, {
-            "ranks": "export.ranks", "method": "export.method", "enabled": "sweep.enabled: true",
-            "methods": "sweep.methods", "eval": "eval_data or eval_size"}, resolved.sweep_methods,
-            full_rank_only=not resolved.lower_ranks_trained)
+        problem = export_problem(export, sweep, has_eval, EXPORT_KEYS, resolved.sweep_methods,
+                                 full_rank_only=not resolved.lower_ranks_trained)
         if problem:
             raise InputError(problem)
         if heal is not None:

@@ -14,6 +14,7 @@ leaves no output folder behind.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -41,17 +42,17 @@ class RunResult:
     sweep: SweepResult | None = None
     exports: dict[int, Path] = field(default_factory=dict)
     vllm: bool = False
-    healed: HealResult | None = None
+    healed: list[HealResult] = field(default_factory=list)  # the heal: section's ranks, in order
 
     def report(self) -> list[str]:
         """The lines a user reads at the end: the sweep table, the pick, where things are."""
         lines = report(self.adapter_dir, self.trainer.qdylora_config.r_max, self.sweep, self.exports, vllm=self.vllm)
-        return lines + (self.healed.report() if self.healed is not None else [])
+        return lines + [line for h in self.healed for line in h.report()]
 
 
 def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> RunResult:
     """Train, save the adapter (r_max) with qdylora_config.json, sweep, export, as the recipe says;
-    with `recipe.heal`, then heal that rank into <output_dir>/qdylora-healed/rank-<b>/ (`heal`;
+    with `recipe.heal`, then heal each of its ranks into <output_dir>/qdylora-healed/rank-<b>/ (`heal`;
     the run's model is released first: two would not fit where one barely does)."""
     from .distributed import world_size
 
@@ -73,12 +74,13 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> Run
     result = sweep(trainer, recipe.sweep, out)
     record(trainer, out)
     exports = export(out, recipe.export) if trainer.is_world_process_zero() else {}
-    healed = None
+    healed = []
     if recipe.heal is not None:
-        b = recipe.heal.rank if is_int(recipe.heal.rank) else result.recommended_rank  # checked in the recipe
         _release(trainer)
-        healed = heal(recipe, recipe.heal.rank, out / HEALED_DIR / f"rank-{b}", recipe.heal, overwrite=True,
-                      inside_run=True)
+        ranks = {(r if is_int(r) else result.recommended_rank): r for r in reversed(recipe.heal.ranks)}  # checked in
+        for b, rank in sorted(ranks.items()):  # the recipe; 'recommended' once, as the integer it is if listed too
+            healed.append(heal(recipe, rank, out / HEALED_DIR / f"rank-{b}", recipe.heal, overwrite=True,
+                               inside_run=True))
     return RunResult(out, trainer, result, exports, vllm=recipe.export.vllm, healed=healed)
 
 
@@ -139,15 +141,31 @@ def heal(recipe: Recipe, rank: int | str, out: str | os.PathLike, settings: Heal
     from each cut in turn, the same way, and the better on the eval data is kept
     (qdylora_heal.json's "tried" has every cut's numbers): which start heals better depends
     on the task (benchmarks/results/real.md: prefix on GSM8K, svd on the demo and planted tasks).
+    `heal_ranks` heals several ranks into one folder.
 
     Why: on every task we measured, the cut of one plain r_max run, healed this way, is as
     good as a run trained for that rank (benchmarks/results/planted.md, real.md) at a tenth of
     a run; an unhealed cut trails the dedicated run at low ranks.
     """
-    import dataclasses
+    return next(iter(_heal(recipe, [rank], out, settings, adapter_dir=adapter_dir, overwrite=overwrite,
+                           inside_run=inside_run, subfolders=False).values()))
 
+
+def heal_ranks(recipe: Recipe, ranks: Sequence[int | str], out: str | os.PathLike,
+               settings: HealSettings | None = None, *, adapter_dir: str | os.PathLike | None = None,
+               overwrite: bool = False) -> dict[int, HealResult]:
+    """`heal` for several ranks (`qdylora heal --ranks 1,4,recommended`): each healed on its own, as
+    `heal` heals it, into `out`/rank-<b>/; every rank is checked before the first healing, and `out`
+    is written as one folder (a temporary one renamed into place). 'recommended' resolves to the
+    sweep's rank and is healed once if listed too. Returns {b: HealResult}."""
+    return _heal(recipe, ranks, out, settings, adapter_dir=adapter_dir, overwrite=overwrite, subfolders=True)
+
+
+def _heal(recipe: Recipe, ranks: Sequence[int | str], out: str | os.PathLike, settings: HealSettings | None, *,
+          adapter_dir: str | os.PathLike | None, overwrite: bool, inside_run: bool = False,
+          subfolders: bool) -> dict[int, HealResult]:
+    """Check every rank, then heal each into `out` (`subfolders`: into `out`/rank-<b>/)."""
     from .distributed import world_size
-    from .exporters import export_adapter
     from .exporters.source import SourceAdapter
     from .exporters.staging import staged_output
 
@@ -159,17 +177,19 @@ def heal(recipe: Recipe, rank: int | str, out: str | os.PathLike, settings: Heal
     settings.check_choosable(sweep_enabled=recipe.sweep.enabled, has_eval=bool(recipe.eval_data or recipe.eval_size))
     source_dir = Path(adapter_dir if adapter_dir is not None else recipe.training["output_dir"])
     source = SourceAdapter.open(source_dir, methods=methods)  # the prefix rule of each cut, before any work
-    if methods[0] is not None and len(methods) == 1:  # as `export adapter --rank R --method M`
-        picks = [source.resolve(rank, methods[0])]
-    else:
-        # the adapter's own reading (None), or several cuts: one rank for all, "recommended" being
-        # the sweep's pick whatever the method it was picked under. The sweep ranks UNHEALED cuts,
-        # and that order does not tell which start heals better (benchmarks/results/real.md: on the
-        # demo task the prefix cut is the better cut and the worse start), so the default start
-        # stays the adapter's own reading (svd for a plain run), as every healing measured there.
-        b = source.resolve_rank(rank, "svd")  # (the prefix cut's warning, if any, comes from resolve)
-        picks = [source.resolve(b, m) for m in methods]
-    b = picks[0][0]
+    plan: dict[int, list[tuple[int, str]]] = {}  # b -> the (b, method) cuts to heal it from
+    for rank in ranks:
+        if methods[0] is not None and len(methods) == 1:  # as `export adapter --rank R --method M`
+            picks = [source.resolve(rank, methods[0])]
+        else:
+            # the adapter's own reading (None), or several cuts: one rank for all, "recommended" being
+            # the sweep's pick whatever the method it was picked under. The sweep ranks UNHEALED cuts,
+            # and that order does not tell which start heals better (benchmarks/results/real.md: on the
+            # demo task the prefix cut is the better cut and the worse start), so the default start
+            # stays the adapter's own reading (svd for a plain run), as every healing measured there.
+            b = source.resolve_rank(rank, "svd")  # (the prefix cut's warning, if any, comes from resolve)
+            picks = [source.resolve(b, m) for m in methods]
+        plan.setdefault(picks[0][0], picks)
     training = dict(recipe.training)
     run_steps = int(training.get("max_steps", -1))
     if settings.steps is None and run_steps <= 0:
@@ -184,17 +204,35 @@ def heal(recipe: Recipe, rank: int | str, out: str | os.PathLike, settings: Heal
                     save_strategy="no")
     if "data_seed" in training:
         training["data_seed"] = int(training["data_seed"]) + settings.seed_offset
-    sweep_settings = SweepSettings(enabled=recipe.sweep.enabled, ranks=[b], methods=["svd"])  # rank b = its r_max
     recorded = source.sweep()  # the run's: each cut's number, before healing
-    with staged_output(out, overwrite=overwrite, protect=[source_dir, recipe.model], inside_ok=inside_run) as tmp, \
-            tempfile.TemporaryDirectory(prefix="qdylora-cut-") as scratch:
+    how = {"source": str(source_dir.resolve()), "steps": steps, "learning_rate": learning_rate,
+           "lr_scheduler_type": "constant", "seed": seed,
+           "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "rank"}}
+    results: dict[int, HealResult] = {}
+    with staged_output(out, overwrite=overwrite, protect=[source_dir, recipe.model], inside_ok=inside_run) as tmp:
+        for b, picks in sorted(plan.items()):
+            target = tmp / f"rank-{b}" if subfolders else tmp
+            info = _heal_one(recipe, source_dir, picks, target, training, recorded, how)
+            results[b] = HealResult(Path(out) / f"rank-{b}" if subfolders else Path(out), info)
+    return results
+
+
+def _heal_one(recipe: Recipe, source_dir: Path, picks: list[tuple[int, str]], target: Path,
+              training: dict[str, Any], recorded: SweepResult | None, how: dict[str, Any]) -> dict[str, Any]:
+    """Heal rank b from each of `picks`' cuts (`training`: the healing's arguments), keep the better
+    in `target` with its qdylora_heal.json; returns that record."""
+    from .exporters import export_adapter
+
+    b = picks[0][0]
+    sweep_settings = SweepSettings(enabled=recipe.sweep.enabled, ranks=[b], methods=["svd"])  # rank b = its r_max
+    with tempfile.TemporaryDirectory(prefix="qdylora-cut-") as scratch:
         tried: dict[str, dict[str, Any]] = {}
         for b, method in picks:
             cut = export_adapter(source_dir, Path(scratch) / f"cut-{method}", b, method=method)
-            target = tmp if len(picks) == 1 else Path(scratch) / f"healed-{method}"
+            healed_dir = target if len(picks) == 1 else Path(scratch) / f"healed-{method}"
             healing = dataclasses.replace(
                 recipe, lora={}, lora_model_dir=str(cut), qdylora=QDyLoraConfig.preset("plain"),
-                training={**training, "output_dir": str(target)}, sweep=sweep_settings, export=ExportSettings(),
+                training={**training, "output_dir": str(healed_dir)}, sweep=sweep_settings, export=ExportSettings(),
                 samples=dataclasses.replace(recipe.samples, ranks=[b]) if recipe.samples else None, heal=None,
             )
             healing.training_args()  # TrainingArguments' own checks, before the model loads
@@ -202,25 +240,24 @@ def heal(recipe: Recipe, rank: int | str, out: str | os.PathLike, settings: Heal
             measured = result.sweep or recorded
             metric = measured.metric if measured else "eval_loss"
             tried[method] = {
-                "dir": target, "metric": metric, "greater": bool(measured and measured.greater_is_better),
+                "dir": healed_dir, "metric": metric, "greater": bool(measured and measured.greater_is_better),
                 "cut": recorded.by_method.get(method, {}).get(b, {}).get(metric) if recorded else None,
                 "healed": result.sweep.results.get(b, {}).get(metric) if result.sweep else None}
         # several cuts: keep the better healed one (every healing measured rank b on the same eval data)
         method = min(tried, key=lambda m: -tried[m]["healed"] if tried[m]["greater"] else tried[m]["healed"]) \
             if len(tried) > 1 else next(iter(tried))
         kept = tried[method]
-        if kept["dir"] != tmp:
-            shutil.copytree(kept["dir"], tmp, dirs_exist_ok=True)
+        if kept["dir"] != target:
+            shutil.copytree(kept["dir"], target, dirs_exist_ok=True)
         metric = kept["metric"]
-        info = {"source": str(source_dir.resolve()), "rank": b, "method": method, "steps": steps,
-                "learning_rate": learning_rate, "lr_scheduler_type": "constant", "seed": seed,
-                "metric": metric,
-                "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "rank"},
+        info = {"source": how["source"], "rank": b, "method": method, **{k: how[k] for k in (
+                    "steps", "learning_rate", "lr_scheduler_type", "seed")},
+                "metric": metric, "settings": how["settings"],
                 "cut_" + metric: kept["cut"], "healed_" + metric: kept["healed"]}
         if len(tried) > 1:
             info["tried"] = {m: {"cut_" + metric: t["cut"], "healed_" + metric: t["healed"]} for m, t in tried.items()}
-        (tmp / HEAL_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    return HealResult(Path(out), info)
+        (target / HEAL_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    return info
 
 
 def check_output_dir(out: Path, *, overwrite: bool, resume: bool) -> str | None:

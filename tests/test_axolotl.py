@@ -91,7 +91,7 @@ def runs(tmp_path_factory, tiny_llama, tiny_falcon, arithmetic_data):
 
     configs = {
         # vLLM-checked exports (vLLM's rules, shapes against the base), still plain PEFT adapters
-        "plugin": _config(work, "plugin", tiny_llama, train, qdylora_export_vllm=True, qdylora_heal_rank=2,
+        "plugin": _config(work, "plugin", tiny_llama, train, qdylora_export_vllm=True, qdylora_heal_rank=[1, 2],
                           qdylora_heal_steps=3),
         "no_plugin": _config(work, "no_plugin", tiny_llama, train, plugin=False),
         "full_finetune": _config(work, "full_finetune", tiny_llama, train, adapter=None, load_in_4bit=None, lora_r=None),
@@ -204,15 +204,16 @@ def test_plugin_writes_config_sweep_and_exports_that_peft_loads(runs):
 
 
 def test_plugin_writes_the_healing_run_and_axolotl_trains_it(runs):
-    """qdylora_heal_rank: 2 -> the run's rank-2 cut and the config of the short run that heals it;
-    `axolotl train` on that config trains the cut alone (rank 2 every step) by HealSettings' rule
+    """qdylora_heal_rank: [1, 2] -> each rank's cut and the config of the short run that heals it;
+    `axolotl train` on rank 2's config trains the cut alone (rank 2 every step) by HealSettings' rule
     and measures rank 2 on the same eval split."""
     from safetensors.torch import load_file
 
     output, cfg, out = _ok(runs, "plugin")
     healed = out / "qdylora-healed"
     cut = healed / "cut-prefix" / "rank-2"  # a QDyLoRA run's own reading: prefix
-    assert f"axolotl train {healed / 'rank-2.yml'}" in output
+    assert f"axolotl train {healed / 'rank-2.yml'}" in output and f"axolotl train {healed / 'rank-1.yml'}" in output
+    assert yaml.safe_load((healed / "rank-1.yml").read_text())["lora_model_dir"] == str(healed / "cut-prefix" / "rank-1")
     assert "heal" in runs, "the plugin wrote no healing config"
     heal_output, heal_cfg, heal_out = _ok(runs, "heal")
     assert heal_cfg["lora_model_dir"] == str(cut) and heal_cfg["lora_r"] == 2

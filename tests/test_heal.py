@@ -173,30 +173,35 @@ def test_heal_refuses_bad_input_before_training_and_never_touches_the_run(cut, t
 
 
 def test_heal_section_heals_after_the_run_as_qdylora_heal_does(tiny_llama, arithmetic_data, tmp_path):
-    """`heal: {rank: recommended}` in the train YAML: after training and the sweep, the sweep's pick is
-    healed into <output_dir>/qdylora-healed/rank-<b>/, tensors equal bit for bit to `qdylora heal` of
-    the same run (rank taken from the YAML's heal section), reported after the sweep table."""
+    """`heal: {rank: [recommended, 8]}` in the train YAML: after training and the sweep, the sweep's pick
+    and rank 8 are each healed into <output_dir>/qdylora-healed/rank-<b>/, tensors equal bit for bit to
+    `qdylora heal` of the same run (ranks taken from the YAML's heal section: a list works as --ranks),
+    reported after the sweep table."""
     run_dir = tmp_path / "run"
     cfg = _yaml(tmp_path, "run.yaml", tiny_llama, arithmetic_data, run_dir,
                 lora={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
-                sweep={"ranks": [1, 2, 8], "methods": ["svd"]}, heal={"rank": "recommended", "lr_factor": 0.5})
+                sweep={"ranks": [1, 2, 8], "methods": ["svd"]}, heal={"rank": ["recommended", 8], "lr_factor": 0.5})
     res = _invoke(["train", str(cfg)])
     assert res.exit_code == 0, res.output
     b = json.loads((run_dir / "qdylora_config.json").read_text())["sweep"]["recommended_rank"]
-    healed = run_dir / "qdylora-healed" / f"rank-{b}"
-    info = json.loads((healed / "qdylora_heal.json").read_text())
-    assert (info["rank"], info["method"], info["steps"]) == (b, "svd", 1)
-    assert info["learning_rate"] == pytest.approx(0.005)  # the section's lr_factor 0.5, not the default 0.3
-    assert f"rank {b} (svd cut of {run_dir.resolve()}) healed" in res.output
+    assert b < 8  # (the tiny run's sweep picks a low rank: two ranks are healed below)
+    for rank in (b, 8):
+        healed = run_dir / "qdylora-healed" / f"rank-{rank}"
+        info = json.loads((healed / "qdylora_heal.json").read_text())
+        assert (info["rank"], info["method"], info["steps"]) == (rank, "svd", 1)
+        assert info["learning_rate"] == pytest.approx(0.005)  # the section's lr_factor 0.5, not the default 0.3
+        assert f"rank {rank} (svd cut of {run_dir.resolve()}) healed" in res.output
+        assert json.loads((healed / "adapter_config.json").read_text())["r"] == rank
+    assert sorted(p.name for p in (run_dir / "qdylora-healed").iterdir()) == sorted({f"rank-{b}", "rank-8"})
     assert res.output.index("recommended rank:") < res.output.index("healed for")
-    assert json.loads((healed / "adapter_config.json").read_text())["r"] == b
 
     before = _tree(run_dir)
     res = _invoke(["heal", str(cfg), "--out", str(tmp_path / "again")])
     assert res.exit_code == 0, res.output
-    want = load_file(healed / "adapter_model.safetensors")
-    got = load_file(tmp_path / "again" / "adapter_model.safetensors")
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    for rank in (b, 8):
+        want = load_file(run_dir / "qdylora-healed" / f"rank-{rank}" / "adapter_model.safetensors")
+        got = load_file(tmp_path / "again" / f"rank-{rank}" / "adapter_model.safetensors")
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert _tree(run_dir) == before
 
 
@@ -262,6 +267,8 @@ def test_bad_heal_section_is_one_line_before_training(tiny_llama, arithmetic_dat
 
     fails("give the rank to heal", heal={})
     fails("rank must be an integer >= 1", heal={"rank": 0})
+    fails("rank must be an integer >= 1", heal={"rank": [2, 0]})
+    fails("heal.rank [9] outside", heal={"rank": [2, 9]})
     fails("heal.rank", heal={"rank": 9})
     fails("rank='best' is not allowed", heal={"rank": "best"})
     fails("heal.rank lists 'recommended'", heal={"rank": "recommended"}, sweep={"enabled": False})
@@ -288,6 +295,36 @@ def test_bad_heal_section_is_one_line_before_training(tiny_llama, arithmetic_dat
                    "--out", str(tmp_path / "h")])
     assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1 and "--rank" in res.output, res.output
     assert not (tmp_path / "h").exists()
+
+
+def test_heal_ranks_heals_each_rank_as_heal_does_into_one_folder(cut, tmp_path):
+    """`--ranks 1,2,recommended`: each rank healed on its own, bit for bit as `--rank b` heals it, into
+    OUT/rank-<b>/ ('recommended' once, being one of them); a rank outside the run is refused before
+    any healing, leaving no OUT; --rank and --ranks together is one line."""
+    folder, sweep, cfg = cut
+    run_dir = folder.parent.parent
+    before = _tree(run_dir)
+    res = _invoke(["heal", str(cfg), "--ranks", "2,1,recommended", "--out", str(tmp_path / "many")])
+    assert res.exit_code == 0, res.output
+    assert sweep["recommended_rank"] in (1, 2)  # (the tiny run's pick: healed once, as its integer)
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["rank-1", "rank-2"]
+    for b in (1, 2):
+        res_one = _invoke(["heal", str(cfg), "--rank", str(b), "--out", str(tmp_path / f"one-{b}")])
+        assert res_one.exit_code == 0, res_one.output
+        want = load_file(tmp_path / f"one-{b}" / "adapter_model.safetensors")
+        got = load_file(tmp_path / "many" / f"rank-{b}" / "adapter_model.safetensors")
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        info = json.loads((tmp_path / "many" / f"rank-{b}" / "qdylora_heal.json").read_text())
+        assert info == json.loads((tmp_path / f"one-{b}" / "qdylora_heal.json").read_text())
+        assert f"rank {b} (svd cut of" in res.output
+    assert _tree(run_dir) == before
+    for args, needle in [(["--ranks", "1,9"], "outside the trained range 1..8"),
+                         (["--rank", "2", "--ranks", "1,2"], "not both"),
+                         (["--ranks", "1,x"], "--ranks:")]:
+        res = _invoke(["heal", str(cfg), *args, "--out", str(tmp_path / "o")])
+        lines = res.output.strip().splitlines()
+        assert res.exit_code == 2 and len(lines) == 1 and needle in lines[0], (args, res.output)
+        assert not (tmp_path / "o").exists()
 
 
 def test_healing_the_full_rank_continues_the_run_in_its_svd_basis(cut, tmp_path):

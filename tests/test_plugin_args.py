@@ -78,6 +78,8 @@ def test_valid_config_maps_to_qdylora_config():
     assert (config.r_min, config.r_max, config.distribution, config.update) == (2, 16, "log_uniform", "frozen")
     assert (config.scaling, config.anchor_ranks, config.loss_weight) == ("sqrt", [16], "inverse_scale")
     assert config.eval_ranks == [2, 8, 16]
+    m = Merged.model_validate(_cfg(qdylora_heal_rank=[8, "recommended", 1]))  # several ranks: each healed alone
+    assert m.to_settings(m.lora_r)[3].rank == [1, 8, "recommended"]
 
 
 def test_preset_values_stand_unless_a_key_is_set():
@@ -116,6 +118,7 @@ def test_preset_values_stand_unless_a_key_is_set():
           "qdylora_sweep_methods": ["svd"]}, "qdylora_export_method is prefix, but this run trains only its full rank"),
         # healing: the same rules as the train YAML's heal: section (config.check_heal), Axolotl's key names
         ({"qdylora_heal_rank": 17}, "qdylora_heal_rank [17] outside the trained range 1..16"),
+        ({"qdylora_heal_rank": [2, 17, "recommended"]}, "qdylora_heal_rank [17] outside the trained range 1..16"),
         ({"qdylora_heal_rank": 0}, "qdylora_heal_rank must be an integer >= 1"),
         ({"qdylora_heal_rank": "best"}, "qdylora_heal_rank"),
         ({"qdylora_heal_rank": "recommended", "val_set_size": 0.0}, "give val_set_size (or test_datasets)"),
@@ -138,6 +141,7 @@ def test_healing_config_is_the_runs_yaml_with_the_healing_keys(trained, tmp_path
     run's YAML turned into the healing run (HealSettings' rule), valid for the plugin's checks; the
     run's files untouched. The real `axolotl train` of it is in test_axolotl.py."""
     import hashlib
+    import json
     import shutil
 
     import yaml
@@ -158,7 +162,7 @@ def test_healing_config_is_the_runs_yaml_with_the_healing_keys(trained, tmp_path
     digest = lambda: {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in run_dir.iterdir() if p.is_file()}  # noqa: E731
     before = digest()
 
-    lines = prepare_healing(run_dir, tmp_path / "run.yml", HealSettings(rank="recommended"), rank=4, run_steps=30,
+    lines = prepare_healing(run_dir, tmp_path / "run.yml", HealSettings(rank="recommended"), ranks=[4], run_steps=30,
                             learning_rate=0.002, seed=7)
     healed = run_dir.resolve() / "qdylora-healed"
     cut = healed / "cut-prefix" / "rank-4"
@@ -178,13 +182,22 @@ def test_healing_config_is_the_runs_yaml_with_the_healing_keys(trained, tmp_path
 
     # several cuts: one cut and one config per method, 5 steps each; run them and keep the lower eval loss
     lines = prepare_healing(run_dir, tmp_path / "run.yml", HealSettings(rank=4, method=["svd", "prefix"], steps=5),
-                            rank=4, run_steps=30, learning_rate=0.002, seed=7)
+                            ranks=[4], run_steps=30, learning_rate=0.002, seed=7)
     for method in ("svd", "prefix"):
         cfg = yaml.safe_load((healed / f"rank-4-{method}.yml").read_text())
         assert (cfg["lora_model_dir"], cfg["max_steps"]) == (str(healed / f"cut-{method}" / "rank-4"), 5)
         assert cfg["output_dir"] == str(healed / f"rank-4-{method}")
     assert "lower eval loss" in lines[-2]
-    assert "not known" in prepare_healing(run_dir, None, HealSettings(rank=4), rank=4, run_steps=30,
+    # several ranks: one cut and one config each, each the rank's own (lora_r, eval rank, output folder)
+    lines = prepare_healing(run_dir, tmp_path / "run.yml", HealSettings(rank=[1, 4]), ranks=[1, 4], run_steps=30,
+                            learning_rate=0.002, seed=7)
+    for b in (1, 4):
+        cfg = yaml.safe_load((healed / f"rank-{b}.yml").read_text())
+        assert (cfg["lora_r"], cfg["qdylora_eval_ranks"], cfg["output_dir"]) == (b, [b], str(healed / f"rank-{b}"))
+        assert cfg["lora_model_dir"] == str(healed / "cut-prefix" / f"rank-{b}")
+        assert json.loads((healed / "cut-prefix" / f"rank-{b}" / "adapter_config.json").read_text())["r"] == b
+        assert sum(f"axolotl train {healed / f'rank-{b}.yml'}" in line for line in lines) == 1
+    assert "not known" in prepare_healing(run_dir, None, HealSettings(rank=4), ranks=[4], run_steps=30,
                                           learning_rate=0.002, seed=7)[0]
 
 

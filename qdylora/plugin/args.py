@@ -39,6 +39,8 @@ SECTIONS: dict[type, str] = {QDyLoraConfig: "qdylora_", SweepSettings: "qdylora_
 EVAL_KEY = "val_set_size (or test_datasets)"
 HEAL_KEYS = {"rank": "qdylora_heal_rank", "method": "qdylora_heal_method", "enabled": "qdylora_sweep: true",
              "methods": "qdylora_sweep_methods", "eval": EVAL_KEY}
+EXPORT_KEYS = {"ranks": "qdylora_export_ranks", "method": "qdylora_export_method", "enabled": "qdylora_sweep: true",
+               "methods": "qdylora_sweep_methods", "eval": EVAL_KEY}
 
 
 def axolotl_keys(cls: type) -> dict[str, str]:
@@ -110,11 +112,9 @@ class _Checks(BaseModel):
                 raise ValueError(f"qdylora_* settings: {exc}") from exc
         if hasattr(self, "plugins"):  # merged into Axolotl's config, not standalone
             has_eval = bool(getattr(self, "val_set_size", 0)) or bool(getattr(self, "test_datasets", None))
-            problem = export_problem(export, sweep, has_eval, {
-                "ranks": "qdylora_export_ranks", "method": "qdylora_export_method", "enabled": "qdylora_sweep: true",
-                "methods": "qdylora_sweep_methods", "eval": EVAL_KEY},
-                config.sweep_methods if lora_r else ["prefix"],
-                full_rank_only=bool(lora_r) and not config.lower_ranks_trained)
+            problem = export_problem(export, sweep, has_eval, EXPORT_KEYS,
+                                     config.sweep_methods if lora_r else ["prefix"],
+                                     full_rank_only=bool(lora_r) and not config.lower_ranks_trained)
             if problem:
                 raise ValueError(problem)
             if heal.rank is None:

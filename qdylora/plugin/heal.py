@@ -1,6 +1,6 @@
 """Healing the rank you ship, the Axolotl way: a second, short `axolotl train` of the cut.
 
-With `qdylora_heal_rank: B` (or `recommended`), after the run the plugin exports rank B's cut
+With `qdylora_heal_rank: B` (or `recommended`, or a list), after the run the plugin exports rank B's cut
 into `<output_dir>/qdylora-healed/cut-<method>/rank-<b>/` and writes the healing run's config
 `<output_dir>/qdylora-healed/rank-<b>.yml`: the run's own YAML file with the keys `heal_config`
 changes, so that `axolotl train <that file>` (from where the run started: its relative paths)
@@ -20,6 +20,7 @@ No Axolotl import here.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,8 @@ def write_config(path: Path, cfg: dict[str, Any], header: str) -> None:
 
 
 def prepare_healing(output_dir: str | os.PathLike, config_path: str | os.PathLike | None, settings: HealSettings,
-                    *, rank: int, run_steps: int, learning_rate: float, seed: int) -> list[str]:
-    """Export rank `rank`'s cut(s) of the adapter in `output_dir` and write the healing config(s) next
+                    *, ranks: Sequence[int], run_steps: int, learning_rate: float, seed: int) -> list[str]:
+    """Export each of `ranks`' cut(s) of the adapter in `output_dir` and write the healing config(s) next
     to them (`heal_config`), from the run's YAML at `config_path`. Returns the lines to log."""
     import yaml
 
@@ -77,20 +78,23 @@ def prepare_healing(output_dir: str | os.PathLike, config_path: str | os.PathLik
     steps = settings.steps_for(run_steps)
     lr, heal_seed = learning_rate * settings.lr_factor, seed + settings.seed_offset
     lines = []
-    for method in methods:
-        name = f"rank-{rank}" if len(methods) == 1 else f"rank-{rank}-{method}"
-        cut = export_adapters(out, healed / f"cut-{method}", [rank], method=method, overwrite=True,
-                              inside_adapter=True)[rank]
-        cfg = heal_config(run, rank=rank, cut_dir=cut, out_dir=healed / name, steps=steps, learning_rate=lr,
-                          seed=heal_seed)
-        yml = healed / f"{name}.yml"
-        write_config(yml, cfg, f"Healing rank {rank} of {out} (its {method} cut), written by {__package__}: "
-                               f"{config_path} with lora_model_dir, lora_r,\nmax_steps, learning_rate, lr_scheduler, "
-                               f"warmup_steps, seed, output_dir and the qdylora_* keys changed.\n"
-                               f"Run: axolotl train {yml}")
-        lines.append(f"rank {rank}: {method} cut in {cut}; heal it ({steps} steps at learning rate {lr:g}, seed "
-                     f"{heal_seed}) with: axolotl train {yml}")
+    for method in methods:  # one export per cut: it writes cut-<method>/ as one folder, every rank in it
+        cuts = export_adapters(out, healed / f"cut-{method}", list(ranks), method=method, overwrite=True,
+                               inside_adapter=True)
+        for rank in ranks:
+            name = f"rank-{rank}" if len(methods) == 1 else f"rank-{rank}-{method}"
+            cut = cuts[rank]
+            cfg = heal_config(run, rank=rank, cut_dir=cut, out_dir=healed / name, steps=steps, learning_rate=lr,
+                              seed=heal_seed)
+            yml = healed / f"{name}.yml"
+            write_config(yml, cfg, f"Healing rank {rank} of {out} (its {method} cut), written by {__package__}: "
+                                   f"{config_path} with lora_model_dir, lora_r,\nmax_steps, learning_rate, lr_scheduler, "
+                                   f"warmup_steps, seed, output_dir and the qdylora_* keys changed.\n"
+                                   f"Run: axolotl train {yml}")
+            lines.append(f"rank {rank}: {method} cut in {cut}; heal it ({steps} steps at learning rate {lr:g}, seed "
+                         f"{heal_seed}) with: axolotl train {yml}")
     if len(methods) > 1:
-        lines.append("run each and keep the healed adapter with the lower eval loss (each one's rank_sweep.json)")
+        lines.append("for each rank, run each and keep the healed adapter with the lower eval loss (each one's "
+                     "rank_sweep.json)")
     lines.append(f"(from {Path.cwd()}, where this run started: the config's relative paths are the run's)")
     return lines

@@ -22,7 +22,7 @@ What it does, hook by hook:
   eval set (rank_sweep.json and rank_sweep.png in output_dir), then, once the adapter is
   in output_dir, qdylora_config.json beside it, the exports of `qdylora_export_ranks` into
   output_dir/qdylora-exports/rank-<b>/, and the report (the same lines `qdylora train` prints);
-  with `qdylora_heal_rank`, that rank's cut and the config of the short Axolotl run that heals it
+  with `qdylora_heal_rank` (one rank or a list), each rank's cut and the config of the short Axolotl run that heals it
   (`heal.prepare_healing`: output_dir/qdylora-healed/rank-<b>.yml, and the command to run).
 """
 
@@ -189,15 +189,19 @@ class QDyLoraPlugin(BasePlugin):
 
     @staticmethod
     def _prepare_healing(cfg: DictDefault, trainer: QDyLoraMixin, heal: Any) -> list[str]:
-        """The cut of qdylora_heal_rank and the config of the Axolotl run that heals it."""
+        """The cut of each qdylora_heal_rank and the config of the Axolotl run that heals it."""
         from .heal import prepare_healing
 
-        if is_int(heal.rank):
-            rank = heal.rank
-        elif trainer.rank_sweep is not None:
-            rank = trainer.rank_sweep.recommended_rank
-        else:
-            return ["qdylora_heal_rank: recommended, but no sweep ran (no eval set), so there is no rank to heal"]
-        return prepare_healing(cfg.output_dir, cfg.get("axolotl_config_path"), heal, rank=rank,
-                               run_steps=trainer.state.global_step, learning_rate=trainer.args.learning_rate,
-                               seed=trainer.args.seed)
+        lines, ranks = [], []
+        for rank in heal.ranks:
+            if is_int(rank):
+                ranks.append(rank)
+            elif trainer.rank_sweep is not None:
+                ranks.append(trainer.rank_sweep.recommended_rank)
+            else:
+                lines.append("qdylora_heal_rank: recommended, but no sweep ran (no eval set), so there is no rank to heal")
+        if not ranks:
+            return lines
+        return lines + prepare_healing(cfg.output_dir, cfg.get("axolotl_config_path"), heal, ranks=sorted(set(ranks)),
+                                       run_steps=trainer.state.global_step, learning_rate=trainer.args.learning_rate,
+                                       seed=trainer.args.seed)
