@@ -24,13 +24,19 @@ Training runs (one JSON per run and seed; all readouts of one run come from that
   layer's output gradients under answer tokens SAMPLED from the model, on the same 128 examples:
   planted.py's `output_fishers`, K-FAC's factors),
   `lora_rmax_svd+heal` (each rank's svd cut as a fresh rank-b adapter trained ALONE for a tenth of
-  the run's steps at 0.3x its LR, constant, data order seed + 100: planted.py's +heal; `HEAL`);
+  the run's steps at 0.3x its LR, constant, data order seed + 100: planted.py's +heal; `HEAL`),
+  `lora_rmax_svd+heal@t` (readout `wheal`, t in `WISE`: that healed adapter's factors moved back
+  toward the cut's, (1 - t) x cut + t x healed, WiSE-FT's interpolation at rank b: does any t keep
+  the healing's in-distribution gain and the cut's transfer?);
 - `plain-short`: the same plain run SHORTENED by the healing steps (45 + 5 demo steps, 90 + 10 on
   GSM8K), read out only as `lora_short_svd+heal`: EVERY rank, r_max included, healed as above, so
   one shipped rank costs one plain run's steps (planted.py's own idea 6); also read as
   `lora_short_prefix+heal` (readout `pheal`: the healing starts from the prefix cut, the run's own
   factors A[:b], B[:, :b], what `qdylora heal --method prefix` does) and `lora_short_bprefix+heal`
   (`bpheal`: that prefix delta refactored into balanced SVD factors first): planted.py's own idea 7;
+- `plain-short-ho`: plain-short whose healings train on problems the run never saw (`HELD_OUT`:
+  the run trains on all but the last heal_steps x batch training problems, each healing on those),
+  read as `lora_shortho_svd+heal` / `lora_shortho_prefix+heal`: the transfer question;
 - `plain-short2`: the plain run shortened by TWO healings (40 + 2 x 5 demo steps, 80 + 2 x 10 on
   GSM8K), read out as `heal` and `pheal`: `lora_short2_best+heal` keeps, per rank, the healed
   adapter better on val, so `qdylora heal --method svd,prefix` after it costs one plain run's steps;
@@ -44,6 +50,8 @@ Metric: mean NLL per answer token (token-weighted), `paper_table.answer_loss`.
     OMP_NUM_THREADS=1 python benchmarks/real.py run demo plain paper lw_anchor lora-r1 --seeds 0,1
     OMP_NUM_THREADS=1 python benchmarks/real.py run gsm8k plain paper lora-r1 --seeds 0   # + transfer split
     OMP_NUM_THREADS=1 python benchmarks/real.py readout demo plain --methods fsvd --seeds 0,1  # add readouts
+    OMP_NUM_THREADS=1 python benchmarks/real.py readout gsm8k plain --methods wheal --seeds 0,1 --ranks 1,4,16 --retrain
+                                                                       # (--retrain: the adapter is not cached here)
     python benchmarks/real.py report          # -> results/real_{demo,gsm8k}.json, real.md, real.png
 
 Cost on the project's 2 shared CPU cores, one thread, `nice -n 5` (measured 2026-12-01 with another
@@ -111,8 +119,14 @@ RECIPES: dict[str, dict[str, Any]] = {
 # readouts measured per r_max run (each costs ~20 s per rank and split on the demo): the arms the
 # issue asks for; paper+asvd / lw_anchor / lw_anchor+asvd are left out to fit the time budget
 READOUTS: dict[str, list[str]] = {"plain": ["prefix", "svd", "asvd", "fsvd"], "paper": ["prefix", "svd"], "lw_anchor": ["svd"],
-                                   "plain-short": ["pheal", "heal"], "plain-short2": ["pheal", "heal"]}
-METHODS = ("prefix", "svd", "asvd", "fsvd", "heal", "pheal", "bpheal")
+                                   "plain-short": ["pheal", "heal"], "plain-short2": ["pheal", "heal"],
+                                   "plain-short-ho": ["pheal", "heal"]}
+METHODS = ("prefix", "svd", "asvd", "fsvd", "heal", "pheal", "bpheal", "wheal")
+# "wheal" (the transfer question: healing fits the training task more and transfers worse than the cut
+# it starts from): the svd-start healing again, also read with its factors moved back toward the cut's,
+# (1 - t) x cut + t x healed (WiSE-FT's weight interpolation, kept at rank b: shippable as it is),
+# recorded as readouts "heal@<t>"; t = 1 is "heal" itself (checked against the recorded one)
+WISE = (0.25, 0.5, 0.75)
 # healing readouts -> where the healing starts (planted.py's SHORT_STARTS): the svd cut, the prefix
 # cut in the run's own factors, the prefix cut refactored into balanced SVD factors
 HEAL_STARTS = {"heal": "svd", "pheal": "prefix", "bpheal": "bprefix"}
@@ -129,7 +143,21 @@ def heal_steps(task: str) -> int:
 # shortened plain runs -> how many healings of `heal_steps` they give up, so that the run plus that
 # many healings of the shipped rank cost one plain run's steps: plain-short heals from one cut,
 # plain-short2 from both (svd and prefix, the better on val kept: `qdylora heal --method svd,prefix`)
-SHORTENED = {"plain-short": 1, "plain-short2": 2}
+SHORTENED = {"plain-short": 1, "plain-short2": 2, "plain-short-ho": 1}
+# shortened runs whose healings train on problems the run never saw: the run trains on the training
+# set less its last heal_steps x batch problems (one pass: demo 45 x 8 = 360, GSM8K 90 x 4 = 360), each
+# healing on exactly those (one pass). plain-short heals on a reshuffle of ALL the problems, mostly
+# ones the run trained on: does healing on seen data explain why healed adapters transfer worse?
+HELD_OUT = {"plain-short-ho"}
+
+
+def split_training(task: str, run: str, ctx: dict[str, Any]) -> tuple[Any, Any]:
+    """(the run's training data, the healings' training data) of `run`."""
+    train = ctx["data"]["train"]
+    if run not in HELD_OUT:
+        return train, train
+    held = heal_steps(task) * TASKS[task]["batch"]
+    return train.select(range(len(train) - held)), train.select(range(len(train) - held, len(train)))
 
 
 def train_steps(task: str, run: str) -> int:
@@ -155,7 +183,10 @@ ARMS: dict[str, tuple[str, str | tuple[str, ...]]] = {
     "lora_short2_svd+heal": ("plain-short2", "heal"),
     "lora_short2_prefix+heal": ("plain-short2", "pheal"),
     "lora_short2_best+heal": ("plain-short2", ("heal", "pheal")),
+    "lora_shortho_svd+heal": ("plain-short-ho", "heal"),
+    "lora_shortho_prefix+heal": ("plain-short-ho", "pheal"),
     "lora_rmax_prefix+heal": ("plain", "pheal"),
+    **{f"lora_rmax_svd+heal@{t:g}": ("plain", f"heal@{t:g}") for t in WISE},
     "paper": ("paper", "prefix"),
     "paper+svd": ("paper", "svd"),
     "paper+asvd": ("paper", "asvd"),
@@ -238,17 +269,20 @@ def rank_b_student(base: Any, cut: dict[str, tuple[torch.Tensor, torch.Tensor]],
     return student
 
 
-def healed(model: Any, task: str, b: int, seed: int, ctx: dict[str, Any],
-           start: str = "svd") -> tuple[dict[str, float], float]:
+def healed(model: Any, task: str, b: int, seed: int, ctx: dict[str, Any], start: str = "svd",
+           mixes: tuple[float, ...] = ()) -> tuple[dict[str, float], float, dict[float, dict[str, float]]]:
     """The `start` cut (svd, prefix or bprefix: `HEAL_STARTS`) of the r_max `model` at rank b, loaded into a fresh rank-b PEFT
-    adapter and trained alone (`HEAL`): its answer loss per split, and the CPU seconds of the healing
-    training. The product's `qdylora heal --method svd|prefix` does the same."""
+    adapter and trained alone (`HEAL`): its answer loss per split, the CPU seconds of the healing
+    training, and for each t in `mixes` the answer losses of the rank-b adapter whose factors are
+    (1 - t) x the cut's + t x the healed ones (`WISE`). The product's `qdylora heal --method svd|prefix`
+    does the healing."""
     from transformers import Trainer, TrainingArguments
 
     cfg = TASKS[task]
     # planted.py's svd cut (PEFT's rank-b scaling folded in), or the prefix slice
     cut = cut_factors(model, b) if start == "svd" else prefix_factors(model, b, balanced=start == "bprefix")
     student = rank_b_student(load_model(ctx["model"]), cut, b)
+    start_factors = {n: (a.detach().clone(), bb.detach().clone()) for n, (a, bb) in cut.items()}
     extra = {"optim": cfg["optim"]} if cfg["optim"] else {}
     data_seed = seed + HEAL["data_seed_offset"]
     with tempfile.TemporaryDirectory() as scratch:
@@ -259,13 +293,30 @@ def healed(model: Any, task: str, b: int, seed: int, ctx: dict[str, Any],
             logging_steps=1000, save_strategy="no", report_to="none", remove_unused_columns=False,
             disable_tqdm=True, **extra)
         c0 = time.process_time()
-        Trainer(model=student, args=targs, train_dataset=ctx["data"]["train"], data_collator=ctx["collate"]).train()
+        Trainer(model=student, args=targs, train_dataset=ctx.get("heal_data", ctx["data"]["train"]),
+                data_collator=ctx["collate"]).train()
         cpu = time.process_time() - c0
     student.eval()
     losses = {split: answer_loss(student, ctx["data"][split], ctx["collate"], cfg["eval_batch"]) for split in cfg["splits"]}
+    mixed: dict[float, dict[str, float]] = {}
+    if mixes:
+        from qdylora.ranks import DynamicRank, lora_layers
+
+        ds = DynamicRank.of(student)
+        layers = dict(lora_layers(ds.model, ds.adapter_name))
+        end = {n: (layer.lora_A[ds.adapter_name].weight.detach().clone(),
+                   layer.lora_B[ds.adapter_name].weight.detach().clone()) for n, layer in layers.items()}
+        for t in mixes:
+            with torch.no_grad():
+                for n, layer in layers.items():
+                    for weight, w0, w1 in ((layer.lora_A[ds.adapter_name].weight, start_factors[n][0], end[n][0]),
+                                           (layer.lora_B[ds.adapter_name].weight, start_factors[n][1], end[n][1])):
+                        weight.copy_(w0.to(weight.dtype) * (1 - t) + w1 * t)
+            mixed[t] = {split: answer_loss(student, ctx["data"][split], ctx["collate"], cfg["eval_batch"])
+                        for split in cfg["splits"]}
     del student
     gc.collect()
-    return losses, cpu
+    return losses, cpu, mixed
 
 
 def read_out(model: Any, task: str, r: int, methods: list[str], ctx: dict[str, Any],
@@ -287,8 +338,25 @@ def read_out(model: Any, task: str, r: int, methods: list[str], ctx: dict[str, A
                 for split in cfg["splits"]:
                     res[split][str(b)] = prefix[split][str(b)]
                 continue
+            if method == "wheal":  # the svd-start healing again (checked against "heal"), read at each WISE mix
+                losses, cpu, mixed = healed(model, task, b, seed, ctx, start="svd", mixes=WISE)
+                recorded = (done.get("heal") or {}).get("val", {}).get(str(b))
+                if recorded is not None and abs(losses["val"] - recorded) > 1e-4 * abs(recorded):
+                    sys.exit(f"{tag} rank {b}: the healing gives val {losses['val']:.6f}, the recorded heal "
+                             f"{recorded:.6f}: not the same healing")
+                for t, at in mixed.items():
+                    for split in cfg["splits"]:
+                        out.setdefault(f"heal@{t:g}", {s: {} for s in cfg["splits"]})[split][str(b)] = at[split]
+                print(f"{tag} r{b} heal@t: " + "  ".join(f"t={t:g} val {at['val']:.4f}"
+                      + (f" transfer {at['transfer']:.4f}" if "transfer" in at else "") for t, at in mixed.items())
+                      + f"  t=1 val {losses['val']:.4f}" + (f" transfer {losses['transfer']:.4f}" if "transfer" in losses else ""),
+                      flush=True)
+                for split in cfg["splits"]:
+                    res[split][str(b)] = losses[split]
+                res.setdefault("heal_cpu_seconds", {})[str(b)] = cpu
+                continue
             if method in HEAL_STARTS:
-                losses, cpu = healed(model, task, b, seed, ctx, start=HEAL_STARTS[method])
+                losses, cpu, _ = healed(model, task, b, seed, ctx, start=HEAL_STARTS[method])
                 for split in cfg["splits"]:
                     res[split][str(b)] = losses[split]
                 res.setdefault("heal_cpu_seconds", {})[str(b)] = cpu
@@ -308,7 +376,8 @@ def read_out(model: Any, task: str, r: int, methods: list[str], ctx: dict[str, A
 
 
 # -- one run -------------------------------------------------------------------------------------
-def run_one(task: str, run: str, seed: int, ctx: dict[str, Any]) -> dict[str, Any]:
+def train_run(task: str, run: str, seed: int, ctx: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Train one run (its adapter saved to WORK/<task>/<run>-s<seed>/): the model and its record."""
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
@@ -328,7 +397,8 @@ def run_one(task: str, run: str, seed: int, ctx: dict[str, Any]) -> dict[str, An
             weight_decay=0.0, seed=seed, data_seed=seed, logging_steps=max(1, cfg["steps"] // 5),
             save_strategy="no", report_to="none", remove_unused_columns=False, disable_tqdm=True, **extra,
         )
-        kwargs = dict(model=model, args=targs, train_dataset=ctx["data"]["train"], data_collator=ctx["collate"])
+        kwargs = dict(model=model, args=targs, train_dataset=split_training(task, run, ctx)[0],
+                      data_collator=ctx["collate"])
         if run in RECIPES:
             trainer = QDyLoraTrainer(**kwargs, qdylora_config=QDyLoraConfig(seed=seed, **RECIPES[run]))
         else:
@@ -343,11 +413,19 @@ def run_one(task: str, run: str, seed: int, ctx: dict[str, Any]) -> dict[str, An
     out: dict[str, Any] = {"task": task, "run": run, "seed": seed, "r": r, "settings": cfg,
                            "recipe": RECIPES.get(run), "train_steps": steps, "train_loss": train_loss, "train_seconds": train_s,
                            "train_cpu_seconds": train_cpu, "adapter": str(adapter), "readouts": {}}
+    return model, out
+
+
+def run_one(task: str, run: str, seed: int, ctx: dict[str, Any]) -> dict[str, Any]:
+    cfg = TASKS[task]
+    model, out = train_run(task, run, seed, ctx)
+    r = out["r"]
     t0, c0 = time.perf_counter(), time.process_time()
     methods = READOUTS[run] if r == cfg["r_max"] else ["prefix"]
+    ctx = ctx | {"heal_data": split_training(task, run, ctx)[1]}
     out["readouts"] = read_out(model, task, r, methods, ctx, {}, f"[{task} {run} s{seed}]", seed)
     out["readout_seconds"], out["readout_cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
-    del model, trainer
+    del model
     gc.collect()
     return out
 
@@ -387,6 +465,15 @@ def main_readout(args: argparse.Namespace) -> None:
         if not todo:
             print(f"[{args.task} {args.run} s{seed}] {methods} already measured", flush=True)
             continue
+        if not Path(rec["adapter"], "adapter_config.json").is_file():
+            if not args.retrain:
+                sys.exit(f"{rec['adapter']} is not cached here: give --retrain to train the run again (checked below)")
+            print(f"[{args.task} {args.run} s{seed}] retraining the run's adapter into {rec['adapter']}", flush=True)
+            trained, again = train_run(args.task, args.run, seed, ctx)
+            if again["adapter"] != rec["adapter"]:
+                sys.exit(f"retrained into {again['adapter']}, the record names {rec['adapter']}")
+            del trained
+            gc.collect()
         model = PeftModel.from_pretrained(load_model(ctx["model"]), rec["adapter"], is_trainable=False)
         model.eval()
         r = rec["r"]
@@ -400,7 +487,8 @@ def main_readout(args: argparse.Namespace) -> None:
             print(f"[{args.task} {args.run} s{seed}] no readout of the adapter itself recorded: reading "
                   f"{rec['adapter']} unchecked", flush=True)
         t0, c0 = time.perf_counter(), time.process_time()
-        rec["readouts"].update(read_out(model, args.task, r, todo, ctx, rec["readouts"],
+        heal_ctx = ctx | {"heal_data": split_training(args.task, args.run, ctx)[1]}
+        rec["readouts"].update(read_out(model, args.task, r, todo, heal_ctx, rec["readouts"],
                                         f"[{args.task} {args.run} s{seed}]", seed))
         rec.setdefault("added_readouts", []).append({
             "methods": todo, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
@@ -678,6 +766,8 @@ def main(argv: list[str] | None = None) -> None:
     ro.add_argument("--methods", required=True, help=f"comma-separated, from {','.join(METHODS)}")
     ro.add_argument("--seeds", default="0")
     ro.add_argument("--force", action="store_true", help="measure methods already recorded again")
+    ro.add_argument("--retrain", action="store_true", help="train the run's adapter again where it is not cached "
+                    "(a new machine); it must reproduce the run's recorded full-rank val loss")
     ro.add_argument("--ranks", default=None, help="comma-separated subset of the task's ranks (default: all)")
     ro.add_argument("--model", default=None)
     rep = sub.add_parser("report")

@@ -224,3 +224,47 @@ def test_shortened_runs_leave_exactly_their_healings_steps():
         assert real.train_steps(task, "plain-short") + heal == cfg["steps"]
         assert real.train_steps(task, "plain-short2") + 2 * heal == cfg["steps"]
     assert (real.train_steps("demo", "plain-short2"), real.train_steps("gsm8k", "plain-short2")) == (40, 80)
+
+
+def test_healing_interpolation_runs_from_the_cut_to_the_healed_adapter(tmp_path, monkeypatch):
+    """wheal's heal@t, the rank-b adapter with factors (1 - t) x cut + t x healed: t = 1 gives the
+    healed adapter's own losses exactly, t = 0 those of the untrained cut; t = 0.5 is neither."""
+    import datasets
+    from paper_table import TEMPLATE
+
+    from qdylora import load_model
+    from qdylora.data import collator, encode, load_tokenizer
+
+    model = _model(tmp_path)
+    base = str(tmp_path / "base")
+    tok = load_tokenizer(base)
+    rows = datasets.Dataset.from_list([encode(f"What is {i} plus {i}?", f" #### {2 * i}", tok, TEMPLATE, 48)
+                                       for i in range(12)])
+    monkeypatch.setitem(real.TASKS, "tiny", {"r_max": 8, "ranks": [1, 2, 8], "steps": 20, "batch": 4, "lr": 3e-2,
+                                             "max_length": 48, "optim": "adamw_torch", "eval_batch": 4,
+                                             "splits": ["val", "test"]})
+    ctx = {"model": base, "collate": collator(tok),
+           "data": {"train": rows, "val": rows.select(range(6)), "test": rows.select(range(6, 12))}}
+    losses, _, mixed = real.healed(model, "tiny", 2, 0, ctx, mixes=(0.0, 0.5, 1.0))
+    assert mixed[1.0] == losses
+    cut = real.rank_b_student(load_model(base), real.cut_factors(model, 2), 2).eval()
+    at_cut = {s: real.answer_loss(cut, ctx["data"][s], ctx["collate"], 4) for s in ("val", "test")}
+    for s in at_cut:
+        assert abs(mixed[0.0][s] - at_cut[s]) <= 1e-6 * at_cut[s]
+        assert abs(losses[s] - at_cut[s]) > 1e-3 * at_cut[s]  # the healing moved it
+        assert mixed[0.5][s] not in (losses[s], at_cut[s])
+
+
+def test_held_out_healing_trains_on_exactly_the_problems_the_run_never_saw():
+    """plain-short-ho: the run's data and its healings' data split the training set, the healings' one
+    pass (heal_steps x batch) at its end; every other run heals on the whole set it trained on."""
+    import datasets
+
+    for task, cfg in real.TASKS.items():
+        ctx = {"data": {"train": datasets.Dataset.from_list([{"i": i} for i in range(400)])}}
+        run, heal = real.split_training(task, "plain-short-ho", ctx)
+        assert len(heal) == real.heal_steps(task) * cfg["batch"]
+        assert len(run) == real.train_steps(task, "plain-short-ho") * cfg["batch"]  # one pass each
+        assert sorted(list(run["i"]) + list(heal["i"])) == list(range(400)) and not set(run["i"]) & set(heal["i"])
+        same = real.split_training(task, "plain-short", ctx)
+        assert same[0] is same[1] is ctx["data"]["train"]
