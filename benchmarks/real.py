@@ -129,7 +129,7 @@ METHODS = ("prefix", "svd", "asvd", "fsvd", "heal", "pheal", "bpheal", "wheal")
 WISE = (0.25, 0.5, 0.75)
 # healing readouts -> where the healing starts (planted.py's SHORT_STARTS): the svd cut, the prefix
 # cut in the run's own factors, the prefix cut refactored into balanced SVD factors
-HEAL_STARTS = {"heal": "svd", "pheal": "prefix", "bpheal": "bprefix"}
+HEAL_STARTS = {"heal": "svd", "pheal": "prefix", "bpheal": "bprefix", "wheal": "svd"}
 # "heal" (planted.py's lora_rmax_svd+heal, 30 of 300 steps at 3e-4 = 0.3x its LR): each rank's svd cut
 # as a fresh rank-b adapter, trained alone for a tenth of the run's steps at 0.3x its LR, constant
 HEAL = {"steps_fraction": 0.1, "lr_factor": 0.3, "data_seed_offset": 100}
@@ -281,8 +281,7 @@ def healed(model: Any, task: str, b: int, seed: int, ctx: dict[str, Any], start:
     cfg = TASKS[task]
     # planted.py's svd cut (PEFT's rank-b scaling folded in), or the prefix slice
     cut = cut_factors(model, b) if start == "svd" else prefix_factors(model, b, balanced=start == "bprefix")
-    student = rank_b_student(load_model(ctx["model"]), cut, b)
-    start_factors = {n: (a.detach().clone(), bb.detach().clone()) for n, (a, bb) in cut.items()}
+    student = rank_b_student(load_model(ctx["model"]), cut, b)  # copies `cut`: it stays the start for `mixes`
     extra = {"optim": cfg["optim"]} if cfg["optim"] else {}
     data_seed = seed + HEAL["data_seed_offset"]
     with tempfile.TemporaryDirectory() as scratch:
@@ -309,8 +308,8 @@ def healed(model: Any, task: str, b: int, seed: int, ctx: dict[str, Any], start:
         for t in mixes:
             with torch.no_grad():
                 for n, layer in layers.items():
-                    for weight, w0, w1 in ((layer.lora_A[ds.adapter_name].weight, start_factors[n][0], end[n][0]),
-                                           (layer.lora_B[ds.adapter_name].weight, start_factors[n][1], end[n][1])):
+                    for weight, w0, w1 in ((layer.lora_A[ds.adapter_name].weight, cut[n][0], end[n][0]),
+                                           (layer.lora_B[ds.adapter_name].weight, cut[n][1], end[n][1])):
                         weight.copy_(w0.to(weight.dtype) * (1 - t) + w1 * t)
             mixed[t] = {split: answer_loss(student, ctx["data"][split], ctx["collate"], cfg["eval_batch"])
                         for split in cfg["splits"]}
@@ -338,25 +337,20 @@ def read_out(model: Any, task: str, r: int, methods: list[str], ctx: dict[str, A
                 for split in cfg["splits"]:
                     res[split][str(b)] = prefix[split][str(b)]
                 continue
-            if method == "wheal":  # the svd-start healing again (checked against "heal"), read at each WISE mix
-                losses, cpu, mixed = healed(model, task, b, seed, ctx, start="svd", mixes=WISE)
-                recorded = (done.get("heal") or {}).get("val", {}).get(str(b))
-                if recorded is not None and abs(losses["val"] - recorded) > 1e-4 * abs(recorded):
-                    sys.exit(f"{tag} rank {b}: the healing gives val {losses['val']:.6f}, the recorded heal "
-                             f"{recorded:.6f}: not the same healing")
-                for t, at in mixed.items():
-                    for split in cfg["splits"]:
-                        out.setdefault(f"heal@{t:g}", {s: {} for s in cfg["splits"]})[split][str(b)] = at[split]
-                print(f"{tag} r{b} heal@t: " + "  ".join(f"t={t:g} val {at['val']:.4f}"
-                      + (f" transfer {at['transfer']:.4f}" if "transfer" in at else "") for t, at in mixed.items())
-                      + f"  t=1 val {losses['val']:.4f}" + (f" transfer {losses['transfer']:.4f}" if "transfer" in losses else ""),
-                      flush=True)
-                for split in cfg["splits"]:
-                    res[split][str(b)] = losses[split]
-                res.setdefault("heal_cpu_seconds", {})[str(b)] = cpu
-                continue
             if method in HEAL_STARTS:
-                losses, cpu, _ = healed(model, task, b, seed, ctx, start=HEAL_STARTS[method])
+                losses, cpu, mixed = healed(model, task, b, seed, ctx, start=HEAL_STARTS[method],
+                                            mixes=WISE if method == "wheal" else ())
+                if method == "wheal":  # the svd-start healing again (checked against "heal"), read at each mix
+                    recorded = (done.get("heal") or {}).get("val", {}).get(str(b))
+                    if recorded is not None and abs(losses["val"] - recorded) > 1e-4 * abs(recorded):
+                        sys.exit(f"{tag} rank {b}: the healing gives val {losses['val']:.6f}, the recorded heal "
+                                 f"{recorded:.6f}: not the same healing")
+                    for t, at in mixed.items():
+                        for split in cfg["splits"]:
+                            out.setdefault(f"heal@{t:g}", {s: {} for s in cfg["splits"]})[split][str(b)] = at[split]
+                    print(f"{tag} r{b} heal@t: " + "  ".join(
+                        f"t={t:g} " + " ".join(f"{s} {v:.4f}" for s, v in at.items())
+                        for t, at in {**mixed, 1: losses}.items()), flush=True)
                 for split in cfg["splits"]:
                     res[split][str(b)] = losses[split]
                 res.setdefault("heal_cpu_seconds", {})[str(b)] = cpu

@@ -305,9 +305,12 @@ class ExportSettings:
     def __post_init__(self) -> None:
         check_fields(self)
         if self.ranks is not None:
-            self.ranks = sorted({r for r in self.ranks if r != RECOMMENDED}) + (
-                [RECOMMENDED] if RECOMMENDED in self.ranks else []
-            )
+            self.ranks = rank_list(self.ranks)
+
+
+def rank_list(ranks: Sequence[int | str]) -> list[int | str]:
+    """A list of ranks as the settings keep it: the integers sorted, once each, then 'recommended' if named."""
+    return sorted({r for r in ranks if r != RECOMMENDED}) + ([RECOMMENDED] if RECOMMENDED in ranks else [])
 
 
 @dataclass
@@ -362,8 +365,7 @@ class HealSettings:
             self.method = methods[0] if len(methods) == 1 else methods
         check_fields(self)
         if isinstance(self.rank, (list, tuple)):
-            self.rank = sorted({r for r in self.rank if r != RECOMMENDED}) + (
-                [RECOMMENDED] if RECOMMENDED in self.rank else [])  # as ExportSettings.ranks
+            self.rank = rank_list(self.rank)
         for r in self.ranks:
             if is_int(r) and r < 1:
                 raise InputError(f"rank must be an integer >= 1 or 'recommended', got {r!r}")

@@ -74,14 +74,16 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> Run
     result = sweep(trainer, recipe.sweep, out)
     record(trainer, out)
     exports = export(out, recipe.export) if trainer.is_world_process_zero() else {}
-    healed = []
+    healed: dict[int, HealResult] = {}
     if recipe.heal is not None:
         _release(trainer)
-        ranks = {(r if is_int(r) else result.recommended_rank): r for r in reversed(recipe.heal.ranks)}  # checked in
-        for b, rank in sorted(ranks.items()):  # the recipe; 'recommended' once, as the integer it is if listed too
-            healed.append(heal(recipe, rank, out / HEALED_DIR / f"rank-{b}", recipe.heal, overwrite=True,
-                               inside_run=True))
-    return RunResult(out, trainer, result, exports, vllm=recipe.export.vllm, healed=healed)
+        for rank in recipe.heal.ranks:  # the integers first, 'recommended' last (HealSettings keeps them so)
+            b = rank if is_int(rank) else result.recommended_rank  # checked in the recipe
+            if b not in healed:  # 'recommended' is healed once, as the integer it is if listed too
+                healed[b] = heal(recipe, rank, out / HEALED_DIR / f"rank-{b}", recipe.heal, overwrite=True,
+                                 inside_run=True)
+    return RunResult(out, trainer, result, exports, vllm=recipe.export.vllm,
+                     healed=[healed[b] for b in sorted(healed)])
 
 
 def _release(trainer: Any) -> None:
