@@ -75,15 +75,11 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> Run
     record(trainer, out)
     exports = export(out, recipe.export) if trainer.is_world_process_zero() else {}
     healed: dict[int, HealResult] = {}
-    if recipe.heal is not None:
+    if recipe.heal is not None and recipe.heal.ranks:  # each rank into qdylora-healed/rank-<b>/, as heal_ranks
         _release(trainer)
-        for rank in recipe.heal.ranks:  # the integers first, 'recommended' last (HealSettings keeps them so)
-            b = rank if is_int(rank) else result.recommended_rank  # checked in the recipe
-            if b not in healed:  # 'recommended' is healed once, as the integer it is if listed too
-                healed[b] = heal(recipe, rank, out / HEALED_DIR / f"rank-{b}", recipe.heal, overwrite=True,
-                                 inside_run=True)
-    return RunResult(out, trainer, result, exports, vllm=recipe.export.vllm,
-                     healed=[healed[b] for b in sorted(healed)])
+        healed = _heal(recipe, recipe.heal.ranks, out / HEALED_DIR, recipe.heal, adapter_dir=None, overwrite=True,
+                       inside_run=True, subfolders=True)
+    return RunResult(out, trainer, result, exports, vllm=recipe.export.vllm, healed=list(healed.values()))
 
 
 def _release(trainer: Any) -> None:
@@ -179,19 +175,7 @@ def _heal(recipe: Recipe, ranks: Sequence[int | str], out: str | os.PathLike, se
     settings.check_choosable(sweep_enabled=recipe.sweep.enabled, has_eval=bool(recipe.eval_data or recipe.eval_size))
     source_dir = Path(adapter_dir if adapter_dir is not None else recipe.training["output_dir"])
     source = SourceAdapter.open(source_dir, methods=methods)  # the prefix rule of each cut, before any work
-    plan: dict[int, list[tuple[int, str]]] = {}  # b -> the (b, method) cuts to heal it from
-    for rank in ranks:
-        if methods[0] is not None and len(methods) == 1:  # as `export adapter --rank R --method M`
-            picks = [source.resolve(rank, methods[0])]
-        else:
-            # the adapter's own reading (None), or several cuts: one rank for all, "recommended" being
-            # the sweep's pick whatever the method it was picked under. The sweep ranks UNHEALED cuts,
-            # and that order does not tell which start heals better (benchmarks/results/real.md: on the
-            # demo task the prefix cut is the better cut and the worse start), so the default start
-            # stays the adapter's own reading (svd for a plain run), as every healing measured there.
-            b = source.resolve_rank(rank, "svd")  # (the prefix cut's warning, if any, comes from resolve)
-            picks = [source.resolve(b, m) for m in methods]
-        plan.setdefault(picks[0][0], picks)
+    plan = heal_plan(source, ranks, methods)
     training = dict(recipe.training)
     run_steps = int(training.get("max_steps", -1))
     if settings.steps is None and run_steps <= 0:
@@ -219,6 +203,27 @@ def _heal(recipe: Recipe, ranks: Sequence[int | str], out: str | os.PathLike, se
     return results
 
 
+def heal_plan(source: Any, ranks: Sequence[int | str], methods: Sequence[str | None]) -> dict[int, list[tuple[int, str]]]:
+    """{b: the (b, method) cuts rank b is healed from} for `ranks` (integers or "recommended") and
+    `methods` (None: the adapter's own reading) of a `SourceAdapter`: the one rule `qdylora heal`,
+    the YAML's heal: section and the Axolotl plugin follow. A rank listed twice ("recommended" being
+    one already listed) is healed once. Raises InputError for a rank or method the adapter refuses."""
+    plan: dict[int, list[tuple[int, str]]] = {}
+    for rank in ranks:
+        if methods[0] is not None and len(methods) == 1:  # as `export adapter --rank R --method M`
+            picks = [source.resolve(rank, methods[0])]
+        else:
+            # the adapter's own reading (None), or several cuts: one rank for all, "recommended" being
+            # the sweep's pick whatever the method it was picked under. The sweep ranks UNHEALED cuts,
+            # and that order does not tell which start heals better (benchmarks/results/real.md: on the
+            # demo task the prefix cut is the better cut and the worse start), so the default start
+            # stays the adapter's own reading (svd for a plain run), as every healing measured there.
+            b = source.resolve_rank(rank, "svd")  # (the prefix cut's warning, if any, comes from resolve)
+            picks = [source.resolve(b, m) for m in methods]
+        plan.setdefault(picks[0][0], picks)
+    return plan
+
+
 def _heal_one(recipe: Recipe, source_dir: Path, picks: list[tuple[int, str]], target: Path,
               training: dict[str, Any], recorded: SweepResult | None, how: dict[str, Any]) -> dict[str, Any]:
     """Heal rank b from each of `picks`' cuts (`training`: the healing's arguments), keep the better
@@ -234,7 +239,8 @@ def _heal_one(recipe: Recipe, source_dir: Path, picks: list[tuple[int, str]], ta
             healed_dir = target if len(picks) == 1 else Path(scratch) / f"healed-{method}"
             healing = dataclasses.replace(
                 recipe, lora={}, lora_model_dir=str(cut), qdylora=QDyLoraConfig.preset("plain"),
-                training={**training, "output_dir": str(healed_dir)}, sweep=sweep_settings, export=ExportSettings(),
+                training={**training, "output_dir": str(healed_dir)}, split_seed=recipe.data_split_seed,
+                sweep=sweep_settings, export=ExportSettings(),
                 samples=dataclasses.replace(recipe.samples, ranks=[b]) if recipe.samples else None, heal=None,
             )
             healing.training_args()  # TrainingArguments' own checks, before the model loads
@@ -313,7 +319,7 @@ def build(recipe: Recipe):
     if eval_records is not None:
         eval_ds = tokenize(recipe.eval_data, tokenizer, eval_records)
     elif recipe.eval_size:
-        split = records.train_test_split(test_size=recipe.eval_size, seed=recipe.training.get("seed", 42))
+        split = records.train_test_split(test_size=recipe.eval_size, seed=recipe.data_split_seed)
         records, eval_ds = split["train"], tokenize(recipe.data, tokenizer, split["test"])
     train_ds = tokenize(recipe.data, tokenizer, records)
 

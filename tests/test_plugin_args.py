@@ -171,7 +171,7 @@ def test_healing_config_is_the_runs_yaml_with_the_healing_keys(trained, tmp_path
     kept = {k: v for k, v in run.items() if not k.startswith("qdylora_")
             and k not in ("hub_model_id", "warmup_ratio", "resume_from_checkpoint", "learning_rate")}
     assert cfg == {**kept, "lora_model_dir": str(cut), "lora_r": 4, "max_steps": 3, "lr_scheduler": "constant",
-                   "warmup_steps": 0, "seed": 107, "output_dir": str(healed / "rank-4"), "qdylora_preset": "plain",
+                   "warmup_steps": 0, "seed": 7, "output_dir": str(healed / "rank-4"), "qdylora_preset": "plain",
                    "qdylora_eval_ranks": [4], "qdylora_sweep_methods": ["svd"]}
     Merged.model_validate(cfg)  # the plugin's own checks accept it (lora_r = b, preset plain)
     assert any(f"axolotl train {healed / 'rank-4.yml'}" in line for line in lines)
@@ -180,6 +180,11 @@ def test_healing_config_is_the_runs_yaml_with_the_healing_keys(trained, tmp_path
     assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in got)
     assert digest() == before
 
+    # the run's seed is kept: Axolotl splits val_set_size off with it; with its own eval set, seed + 100
+    (tmp_path / "own-eval.yml").write_text(yaml.safe_dump({k: v for k, v in run.items() if k != "val_set_size"}))
+    prepare_healing(run_dir, tmp_path / "own-eval.yml", HealSettings(rank=4), ranks=[4], run_steps=30,
+                    learning_rate=0.002, seed=7)
+    assert yaml.safe_load((healed / "rank-4.yml").read_text())["seed"] == 107
     # several cuts: one cut and one config per method, 5 steps each; run them and keep the lower eval loss
     lines = prepare_healing(run_dir, tmp_path / "run.yml", HealSettings(rank=4, method=["svd", "prefix"], steps=5),
                             ranks=[4], run_steps=30, learning_rate=0.002, seed=7)
@@ -199,6 +204,42 @@ def test_healing_config_is_the_runs_yaml_with_the_healing_keys(trained, tmp_path
         assert sum(f"axolotl train {healed / f'rank-{b}.yml'}" in line for line in lines) == 1
     assert "not known" in prepare_healing(run_dir, None, HealSettings(rank=4), ranks=[4], run_steps=30,
                                           learning_rate=0.002, seed=7)[0]
+
+
+def test_recommended_resolves_by_one_rule_for_heal_and_the_plugin(trained, tmp_path):
+    """'recommended' with one named cut is the rank the sweep recommends for THAT cut (as `export adapter
+    --rank recommended --method M`), not the sweep's overall pick, for `qdylora heal` (`heal_plan`) and the
+    plugin alike; with the adapter's own reading it is the overall pick; a rank listed twice heals once."""
+    import json
+    import shutil
+
+    import yaml
+
+    from qdylora.config import HealSettings
+    from qdylora.exporters.source import SourceAdapter
+    from qdylora.plugin.heal import prepare_healing
+    from qdylora.workflow import heal_plan
+
+    run_dir = tmp_path / "out"
+    shutil.copytree(trained.adapter_dir, run_dir)
+    stored = json.loads((run_dir / "qdylora_config.json").read_text())
+    loss = lambda **by_rank: {str(r[1:]): {"eval_loss": v} for r, v in by_rank.items()}  # noqa: E731
+    stored["sweep"] = {"metric": "eval_loss", "tolerance": 0.01, "method": "prefix",
+                       "results": loss(r1=2.0, r2=1.0, r8=1.0), "recommended_rank": 2, "recommended_method": "prefix",
+                       "methods": {"prefix": loss(r1=2.0, r2=1.0, r8=1.0), "svd": loss(r1=3.0, r2=2.0, r4=1.005, r8=1.0)}}
+    (run_dir / "qdylora_config.json").write_text(json.dumps(stored))
+    source = SourceAdapter.open(run_dir)
+    assert heal_plan(source, ["recommended"], [None]) == {2: [(2, "prefix")]}
+    assert heal_plan(source, ["recommended"], ["svd"]) == {4: [(4, "svd")]}
+    assert heal_plan(source, [4, "recommended"], ["svd"]) == {4: [(4, "svd")]}
+    assert heal_plan(source, ["recommended"], ["svd", "prefix"]) == {2: [(2, "svd"), (2, "prefix")]}
+
+    (tmp_path / "run.yml").write_text(yaml.safe_dump({"base_model": "./tiny", "lora_r": 8, "output_dir": "./out"}))
+    prepare_healing(run_dir, tmp_path / "run.yml", HealSettings(rank="recommended", method="svd"),
+                    ranks=["recommended"], run_steps=30, learning_rate=0.002, seed=7)
+    healed = run_dir.resolve() / "qdylora-healed"
+    assert sorted(p.name for p in healed.iterdir()) == ["cut-svd", "rank-4.yml"]
+    assert yaml.safe_load((healed / "rank-4.yml").read_text())["lora_model_dir"] == str(healed / "cut-svd" / "rank-4")
 
 
 def test_checks_only_apply_when_the_plugin_is_listed():

@@ -6,7 +6,8 @@ into `<output_dir>/qdylora-healed/cut-<method>/rank-<b>/` and writes the healing
 changes, so that `axolotl train <that file>` (from where the run started: its relative paths)
 trains the cut alone by `HealSettings`' rule, as `qdylora heal` does for a qdylora YAML, into
 `<output_dir>/qdylora-healed/rank-<b>/`, and measures rank b on the same eval set
-(its rank_sweep.json). With several `qdylora_heal_method`s, one cut and one config per method
+(its rank_sweep.json; with `val_set_size` the config keeps the run's `seed`, which Axolotl
+shuffles and splits the data with, so the healing trains and measures on the run's split). With several `qdylora_heal_method`s, one cut and one config per method
 (`rank-<b>-<method>.yml`): run each and keep the lower eval loss.
 
 Why a config and not the training itself: in `post_train` the run's model, optimizer state and
@@ -57,14 +58,16 @@ def write_config(path: Path, cfg: dict[str, Any], header: str) -> None:
 
 
 def prepare_healing(output_dir: str | os.PathLike, config_path: str | os.PathLike | None, settings: HealSettings,
-                    *, ranks: Sequence[int], run_steps: int, learning_rate: float, seed: int) -> list[str]:
+                    *, ranks: Sequence[int | str], run_steps: int, learning_rate: float, seed: int) -> list[str]:
     """Export each of `ranks`' cut(s) of the adapter in `output_dir` and write the healing config(s) next
-    to them (`heal_config`), from the run's YAML at `config_path`. Returns the lines to log."""
+    to them (`heal_config`), from the run's YAML at `config_path`. `ranks` are integers or
+    "recommended" (the sweep recorded there), resolved as `qdylora heal` resolves them
+    (`workflow.heal_plan`). Returns the lines to log."""
     import yaml
 
-    from ..adapter_io import check_adapter
     from ..exporters import export_adapters
-    from ..workflow import HEALED_DIR
+    from ..exporters.source import SourceAdapter
+    from ..workflow import HEALED_DIR, heal_plan
 
     out = Path(output_dir).resolve()
     if config_path is None or not Path(config_path).is_file():
@@ -72,16 +75,23 @@ def prepare_healing(output_dir: str | os.PathLike, config_path: str | os.PathLik
                 f"written; heal by hand: README, 'Which pipeline'"]
     run = yaml.safe_load(Path(config_path).read_text())
     healed = out / HEALED_DIR
-    # the configs and shapes only (export_adapters reads the tensors): the prefix rule, the default cut
-    default = check_adapter(out, methods=[m for m in settings.methods if m] or None).default_method
-    methods = [m or default for m in settings.methods]
+    source = SourceAdapter.open(out, methods=settings.methods)  # the prefix rule of each cut
+    cuts_of: dict[str, list[int]] = {}  # method -> the ranks healed from its cut
+    for b, picks in sorted(heal_plan(source, list(ranks), settings.methods).items()):
+        for _, method in picks:
+            cuts_of.setdefault(method, []).append(b)
+    methods = list(cuts_of)
     steps = settings.steps_for(run_steps)
-    lr, heal_seed = learning_rate * settings.lr_factor, seed + settings.seed_offset
+    # Axolotl shuffles the data and splits val_set_size off it with `seed` (it has no data_seed): a healing
+    # run with another seed would measure on other records and train on the run's eval records, so with
+    # val_set_size it keeps the run's seed (and so its split); without, seed + seed_offset, another data order
+    same_split = bool(run.get("val_set_size"))
+    lr, heal_seed = learning_rate * settings.lr_factor, seed if same_split else seed + settings.seed_offset
     lines = []
-    for method in methods:  # one export per cut: it writes cut-<method>/ as one folder, every rank in it
-        cuts = export_adapters(out, healed / f"cut-{method}", list(ranks), method=method, overwrite=True,
+    for method, method_ranks in cuts_of.items():  # one export per cut: it writes cut-<method>/ as one folder
+        cuts = export_adapters(out, healed / f"cut-{method}", method_ranks, method=method, overwrite=True,
                                inside_adapter=True)
-        for rank in ranks:
+        for rank in method_ranks:
             name = f"rank-{rank}" if len(methods) == 1 else f"rank-{rank}-{method}"
             cut = cuts[rank]
             cfg = heal_config(run, rank=rank, cut_dir=cut, out_dir=healed / name, steps=steps, learning_rate=lr,
@@ -92,7 +102,8 @@ def prepare_healing(output_dir: str | os.PathLike, config_path: str | os.PathLik
                                    f"warmup_steps, seed, output_dir and the qdylora_* keys changed.\n"
                                    f"Run: axolotl train {yml}")
             lines.append(f"rank {rank}: {method} cut in {cut}; heal it ({steps} steps at learning rate {lr:g}, seed "
-                         f"{heal_seed}) with: axolotl train {yml}")
+                         f"{heal_seed}{', the run seed: its val_set_size split' if same_split else ''}) with: "
+                         f"axolotl train {yml}")
     if len(methods) > 1:
         lines.append("for each rank, run each and keep the healed adapter with the lower eval loss (each one's "
                      "rank_sweep.json)")

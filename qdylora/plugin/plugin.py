@@ -192,16 +192,12 @@ class QDyLoraPlugin(BasePlugin):
         """The cut of each qdylora_heal_rank and the config of the Axolotl run that heals it."""
         from .heal import prepare_healing
 
-        lines, ranks = [], []
-        for rank in heal.ranks:
-            if is_int(rank):
-                ranks.append(rank)
-            elif trainer.rank_sweep is not None:
-                ranks.append(trainer.rank_sweep.recommended_rank)
-            else:
-                lines.append("qdylora_heal_rank: recommended, but no sweep ran (no eval set), so there is no rank to heal")
+        lines, ranks = [], list(heal.ranks)
+        if trainer.rank_sweep is None and any(not is_int(rank) for rank in ranks):
+            ranks = [rank for rank in ranks if is_int(rank)]
+            lines.append("qdylora_heal_rank: recommended, but no sweep ran (no eval set), so there is no rank to heal")
         if not ranks:
             return lines
-        return lines + prepare_healing(cfg.output_dir, cfg.get("axolotl_config_path"), heal, ranks=sorted(set(ranks)),
+        return lines + prepare_healing(cfg.output_dir, cfg.get("axolotl_config_path"), heal, ranks=ranks,
                                        run_steps=trainer.state.global_step, learning_rate=trainer.args.learning_rate,
                                        seed=trainer.args.seed)
