@@ -356,7 +356,9 @@ class HealSettings:
         0.3, "Healing learning rate as a multiple of the run's training.learning_rate (constant, no warmup).", min=0,
     )
     seed_offset: int = setting(
-        100, "The healing run's seed (and data_seed) is the run's plus this, so it sees the data in another order.",
+        100, "The healing run's seed (and data_seed) is the run's plus this, so it sees the data in another order "
+        "(its eval_size split stays the run's; with Axolotl and val_set_size the healing config keeps the run's seed: "
+        "Axolotl splits the data with it).",
     )
 
     def __post_init__(self) -> None:

@@ -124,8 +124,16 @@ def runs(tmp_path_factory, tiny_llama, tiny_falcon, arithmetic_data):
     }
     healing = Path(done["plugin"][2]["output_dir"]) / "qdylora-healed" / "rank-2.yml"
     if done["plugin"][0] == 0 and healing.is_file():  # the healing run the plugin wrote the config of
-        code, output = wait_all({"heal": start([axolotl, "train", str(healing)], work, _env(python))}, TIMEOUT)["heal"]
-        done["heal"] = (code, output, yaml.safe_load(healing.read_text()))
+        # and the same at learning rate 0: the cut itself, measured by the healing run, its data prepared
+        # afresh (not the run's cached split: Axolotl's cache key leaves the seed out)
+        frozen = healing.with_name("rank-2-frozen.yml")
+        cfg = yaml.safe_load(healing.read_text())
+        frozen.write_text(yaml.safe_dump({**cfg, "learning_rate": 0.0, "output_dir": cfg["output_dir"] + "-frozen",
+                                          "dataset_prepared_path": str(work / "prepared-frozen")}))
+        heals = {name: start([axolotl, "train", str(path)], work, _env(python))
+                 for name, path in (("heal", healing), ("heal_frozen", frozen))}
+        for name, (code, output) in wait_all(heals, TIMEOUT).items():
+            done[name] = (code, output, yaml.safe_load((healing if name == "heal" else frozen).read_text()))
     return done
 
 
@@ -217,7 +225,8 @@ def test_plugin_writes_the_healing_run_and_axolotl_trains_it(runs):
     assert "heal" in runs, "the plugin wrote no healing config"
     heal_output, heal_cfg, heal_out = _ok(runs, "heal")
     assert heal_cfg["lora_model_dir"] == str(cut) and heal_cfg["lora_r"] == 2
-    assert (heal_cfg["max_steps"], heal_cfg["lr_scheduler"], heal_cfg["seed"]) == (3, "constant", cfg["seed"] + 100)
+    # the run's seed: Axolotl shuffles and splits val_set_size off the data with it
+    assert (heal_cfg["max_steps"], heal_cfg["lr_scheduler"], heal_cfg["seed"]) == (3, "constant", cfg["seed"])
     assert heal_cfg["learning_rate"] == pytest.approx(cfg["learning_rate"] * 0.3)
     assert heal_out == healed / "rank-2" and not any(k.startswith("qdylora_heal") for k in heal_cfg)
     assert "QDyLoraAxolotlTrainer" in heal_output
@@ -229,6 +238,13 @@ def test_plugin_writes_the_healing_run_and_axolotl_trains_it(runs):
     before, after = load_file(cut / "adapter_model.safetensors"), load_file(heal_out / "adapter_model.safetensors")
     assert before.keys() == after.keys()
     assert any(not (before[k] == after[k]).all() for k in before)  # trained from the cut
+    # at learning rate 0 the healing run measures the cut itself: the run's own number for it, so the
+    # healing measures on the run's eval records (another seed would split off others)
+    _, _, frozen_out = _ok(runs, "heal_frozen")
+    run_sweep = json.loads((out / "qdylora_config.json").read_text())["sweep"]
+    frozen = json.loads((frozen_out / "rank_sweep.json").read_text())
+    metric = run_sweep["metric"]
+    assert frozen["results"]["2"][metric] == pytest.approx(run_sweep["methods"]["prefix"]["2"][metric], rel=1e-4)
 
 
 def test_same_run_without_the_plugin_trains_but_draws_no_rank(runs):

@@ -140,6 +140,23 @@ def test_heal_is_the_cut_trained_with_lora_model_dir(cut, tiny_llama, arithmetic
     assert stored["config"]["ranks"] == [2] and stored["sweep"]["results"]["2"][metric] == info["healed_" + metric]
 
 
+def test_healing_measures_on_the_runs_own_eval_records(tiny_llama, arithmetic_data, tmp_path):
+    """With eval_size (the eval set split off `data`), the healing keeps the RUN's split although its own
+    training seed is the run's + 100: healed at learning rate 0 the adapter IS the cut, so its eval loss
+    equals the one the run's sweep recorded for that cut (on other records it would not)."""
+    cfg = _yaml(tmp_path, "run.yaml", tiny_llama, arithmetic_data, tmp_path / "run", eval_size=0.25,
+                lora={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}, sweep={"ranks": [2, 8], "methods": ["svd"]})
+    raw = yaml.safe_load(cfg.read_text())
+    del raw["eval_data"]
+    cfg.write_text(yaml.safe_dump(raw))
+    assert _invoke(["train", str(cfg)]).exit_code == 0
+    res = _invoke(["heal", str(cfg), "--rank", "2", "--lr-factor", "0", "--out", str(tmp_path / "healed")])
+    assert res.exit_code == 0, res.output
+    info = json.loads((tmp_path / "healed" / "qdylora_heal.json").read_text())
+    metric = info["metric"]
+    assert info["healed_" + metric] == pytest.approx(info["cut_" + metric], rel=1e-5)
+
+
 def test_heal_refuses_bad_input_before_training_and_never_touches_the_run(cut, tmp_path):
     folder, _, cfg = cut
     run_dir = folder.parent.parent

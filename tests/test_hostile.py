@@ -228,6 +228,11 @@ def _(w):
     return ["train", w.yaml(eval_size=2.0)], "eval_size must be", [], [w.path("run")]
 
 
+@row("train/split-seed-not-an-integer")
+def _(w):
+    return ["train", w.yaml(eval_size=0.25, split_seed="abc")], "split_seed must be an integer", [], [w.path("run")]
+
+
 @row("train/r-min-above-lora-r")
 def _(w):
     return ["train", w.yaml(qdylora={"r_min": 9})], "r_max must be an integer >= r_min", [], [w.path("run")]
