@@ -455,7 +455,8 @@ def main_readout(args: argparse.Namespace) -> None:
     for seed in seeds:
         path = RUNS / args.task / f"{args.run}-s{seed}.json"
         rec = json.loads(path.read_text())
-        todo = [m for m in methods if args.force or m not in rec["readouts"]]
+        want_ranks = [str(b) for b in (ranks or cfg["ranks"])]
+        todo = [m for m in methods if args.force or not set(want_ranks) <= set(rec["readouts"].get(m, {}).get("val", {}))]
         if not todo:
             print(f"[{args.task} {args.run} s{seed}] {methods} already measured", flush=True)
             continue
@@ -482,8 +483,10 @@ def main_readout(args: argparse.Namespace) -> None:
                   f"{rec['adapter']} unchecked", flush=True)
         t0, c0 = time.perf_counter(), time.process_time()
         heal_ctx = ctx | {"heal_data": split_training(args.task, args.run, ctx)[1]}
-        rec["readouts"].update(read_out(model, args.task, r, todo, heal_ctx, rec["readouts"],
-                                        f"[{args.task} {args.run} s{seed}]", seed))
+        added = read_out(model, args.task, r, todo, heal_ctx, rec["readouts"], f"[{args.task} {args.run} s{seed}]", seed)
+        for method, splits in added.items():  # merged rank by rank: --ranks adds ranks to a method measured before
+            for split, by_rank in splits.items():
+                rec["readouts"].setdefault(method, {}).setdefault(split, {}).update(by_rank)
         rec.setdefault("added_readouts", []).append({
             "methods": todo, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
             "command": (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')} python benchmarks/real.py "
