@@ -355,6 +355,14 @@ class HealSettings:
     lr_factor: float = setting(
         0.3, "Healing learning rate as a multiple of the run's training.learning_rate (constant, no warmup).", min=0,
     )
+    holdout: float | None = setting(
+        None, "A fraction of the training data (0 < holdout < 1) the run holds back for healing: the run trains on "
+        "the rest, each healing on those records only, which the adapter never saw (split at random with the "
+        "run's split_seed, after eval_size; the run records which, and `qdylora heal` uses them). On GSM8K, at "
+        "the same compute, 0.994-0.997x the usual healing's validation loss at every rank, both seeds "
+        "(benchmarks/results/real.md). Not with Axolotl (it prepares the data).",
+        axolotl=False,
+    )
     seed_offset: int = setting(
         100, "The healing run's seed (and data_seed) is the run's plus this, so it sees the data in another order "
         "(its eval_size split stays the run's; with Axolotl and val_set_size the healing config keeps the run's seed: "
@@ -373,6 +381,8 @@ class HealSettings:
                 raise InputError(f"rank must be an integer >= 1 or 'recommended', got {r!r}")
         if self.steps is None and self.steps_fraction <= 0:
             raise InputError(f"steps_fraction must be > 0 (or give steps), got {self.steps_fraction!r}")
+        if self.holdout is not None and not 0 < self.holdout < 1:
+            raise InputError(f"holdout must be a fraction of the training data in (0, 1), e.g. 0.1, got {self.holdout!r}")
 
     def steps_for(self, run_steps: int) -> int:
         """The healing steps: `steps`, else steps_fraction x the run's `run_steps`."""

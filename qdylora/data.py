@@ -93,6 +93,40 @@ def load_records(spec: DataSpec):
     return ds
 
 
+def split_off(records: Any, size: float | int, seed: int, what: str) -> tuple[Any, Any]:
+    """(rest, part): `size` (a fraction, or a number of records) of `records` drawn at random with
+    `seed` (`datasets.Dataset.train_test_split`, as Axolotl's val_set_size). `what` names the setting."""
+    try:
+        split = records.train_test_split(test_size=size, seed=seed)
+    except ValueError as exc:  # e.g. a fraction of a handful of records that rounds to none
+        raise InputError(f"{what} {size!r} of {len(records)} records: {first_line(exc)}") from exc
+    return split["train"], split["test"]
+
+
+def split_records(records: Any, *, eval_size: float | int | None, holdout: float | None,
+                  seed: int) -> tuple[Any, Any, Any]:
+    """(train, eval or None, held or None): `eval_size` of `records` split off first, then `holdout` of
+    the rest (the records a run holds back for healing), both at random with `seed`: the one rule by
+    which a run splits its data and a later healing finds the same records."""
+    eval_part = held = None
+    if eval_size:
+        records, eval_part = split_off(records, eval_size, seed, "eval_size")
+    if holdout:
+        records, held = split_off(records, holdout, seed, "heal.holdout")
+    return records, eval_part, held
+
+
+def digest(records: Any) -> str:
+    """A sha256 of the records' contents (each as sorted JSON, in order): which records these are."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for record in records:
+        h.update(json.dumps(record, sort_keys=True, default=str).encode() + b"\n")
+    return h.hexdigest()
+
+
 def check_data_file(path: str | os.PathLike) -> None:
     """Cheap checks of a local data file before anything slow: it exists and looks like JSON or JSONL."""
     path = Path(path)

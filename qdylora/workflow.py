@@ -64,7 +64,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> Run
     checkpoint = check_output_dir(out, overwrite=overwrite, resume=resume)
     existed = out.exists()
     try:
-        trainer = build(recipe)
+        trainer, held = build(recipe)
         train_from(trainer, checkpoint)
     except BaseException:
         if not existed:
@@ -72,7 +72,7 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> Run
         raise
     trainer.save_model(str(out))  # the adapter is safe on disk before anything else runs
     result = sweep(trainer, recipe.sweep, out)
-    record(trainer, out)
+    record(trainer, out, held)
     exports = export(out, recipe.export) if trainer.is_world_process_zero() else {}
     healed: dict[int, HealResult] = {}
     if recipe.heal is not None and recipe.heal.ranks:  # each rank into qdylora-healed/rank-<b>/, as heal_ranks
@@ -97,6 +97,7 @@ def _release(trainer: Any) -> None:
 
 
 HEAL_INFO = "qdylora_heal.json"  # beside a healed adapter: where it came from and how it was healed
+HELD_OUT = "heal_data"  # qdylora_config.json's record of the records a run held back for healing (heal.holdout)
 
 
 @dataclass
@@ -109,8 +110,9 @@ class HealResult:
     def report(self) -> list[str]:
         i = self.info
         before, after, metric = i.get("cut_" + i["metric"]), i.get("healed_" + i["metric"]), i["metric"]
+        held = f" on the {i['held_out_records']} records the run held back" if i.get("held_out_records") else ""
         lines = [f"rank {i['rank']} ({i['method']} cut of {i['source']}) healed for {i['steps']} steps at learning "
-                 f"rate {i['learning_rate']:g} -> {self.adapter_dir}"]
+                 f"rate {i['learning_rate']:g}{held} -> {self.adapter_dir}"]
         if after is not None:
             was = f"{before:.4f} as cut (the run's sweep) -> " if before is not None else ""
             lines.append(f"{metric} at rank {i['rank']}: {was}{after:.4f} healed")
@@ -190,16 +192,22 @@ def _heal(recipe: Recipe, ranks: Sequence[int | str], out: str | os.PathLike, se
                     save_strategy="no")
     if "data_seed" in training:
         training["data_seed"] = int(training["data_seed"]) + settings.seed_offset
+    held = (source.qdylora or {}).get(HELD_OUT)  # the records the run held back for healing, if any
+    if settings.holdout is not None and not held:
+        raise InputError(f"heal.holdout is set, but the run in {source_dir} held nothing back for healing (it was "
+                         "trained without heal.holdout): drop holdout to heal on the run's data, or train again with it")
     recorded = source.sweep()  # the run's: each cut's number, before healing
     how = {"source": str(source_dir.resolve()), "steps": steps, "learning_rate": learning_rate,
-           "lr_scheduler_type": "constant", "seed": seed,
+           "lr_scheduler_type": "constant", "seed": seed, "held_out_records": held["records"] if held else None,
            "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "rank"}}
     results: dict[int, HealResult] = {}
-    with staged_output(out, overwrite=overwrite, protect=[source_dir, recipe.model], inside_ok=inside_run) as tmp:
-        for b, picks in sorted(plan.items()):
-            target = tmp / f"rank-{b}" if subfolders else tmp
-            info = _heal_one(recipe, source_dir, picks, target, training, recorded, how)
-            results[b] = HealResult(Path(out) / f"rank-{b}" if subfolders else Path(out), info)
+    with tempfile.TemporaryDirectory(prefix="qdylora-heal-data-") as data_dir:
+        base = _held_out_recipe(recipe, held, source_dir, Path(data_dir)) if held else recipe
+        with staged_output(out, overwrite=overwrite, protect=[source_dir, recipe.model], inside_ok=inside_run) as tmp:
+            for b, picks in sorted(plan.items()):
+                target = tmp / f"rank-{b}" if subfolders else tmp
+                info = _heal_one(base, source_dir, picks, target, training, recorded, how)
+                results[b] = HealResult(Path(out) / f"rank-{b}" if subfolders else Path(out), info)
     return results
 
 
@@ -259,7 +267,7 @@ def _heal_one(recipe: Recipe, source_dir: Path, picks: list[tuple[int, str]], ta
             shutil.copytree(kept["dir"], target, dirs_exist_ok=True)
         metric = kept["metric"]
         info = {"source": how["source"], "rank": b, "method": method, **{k: how[k] for k in (
-                    "steps", "learning_rate", "lr_scheduler_type", "seed")},
+                    "steps", "learning_rate", "lr_scheduler_type", "seed", "held_out_records")},
                 "metric": metric, "settings": how["settings"],
                 "cut_" + metric: kept["cut"], "healed_" + metric: kept["healed"]}
         if len(tried) > 1:
@@ -292,12 +300,13 @@ def check_output_dir(out: Path, *, overwrite: bool, resume: bool) -> str | None:
     return last
 
 
-def build(recipe: Recipe):
-    """The trainer a recipe describes: data read and tokenized, model loaded (4-bit), LoRA on, seeded."""
+def build(recipe: Recipe) -> tuple[Any, dict[str, Any] | None]:
+    """The trainer a recipe describes (data read, split and tokenized, model loaded (4-bit), LoRA on,
+    seeded), and the record of the records it holds back for healing (heal.holdout; None: none)."""
     from peft import PeftModel, get_peft_model
     from transformers import enable_full_determinism, set_seed
 
-    from .data import collator, load_records, load_tokenizer, resolve_fields, tokenize
+    from .data import collator, digest, load_records, load_tokenizer, resolve_fields, split_records, tokenize
     from .loading import check_model_folder, load_model
     from .trainer_ext import QDyLoraTrainer, RankSamplesCallback
 
@@ -314,13 +323,20 @@ def build(recipe: Recipe):
         eval_records = load_records(recipe.eval_data)
         resolve_fields(recipe.eval_data, eval_records.column_names)
 
+    # eval_size's part (without eval_data), then heal.holdout's of the rest: the records the healings train on
+    records, split_eval, held = split_records(
+        records, eval_size=recipe.eval_size if recipe.eval_data is None else None,
+        holdout=recipe.heal.holdout if recipe.heal is not None else None, seed=recipe.data_split_seed)
+    held_record = None if held is None else {
+        "holdout": recipe.heal.holdout, "split_seed": recipe.data_split_seed, "records": len(held),
+        "sha256": digest(held)}
+
     tokenizer = load_tokenizer(recipe.model, recipe.trust_remote_code)
     eval_ds = None
     if eval_records is not None:
         eval_ds = tokenize(recipe.eval_data, tokenizer, eval_records)
-    elif recipe.eval_size:
-        split = records.train_test_split(test_size=recipe.eval_size, seed=recipe.data_split_seed)
-        records, eval_ds = split["train"], tokenize(recipe.data, tokenizer, split["test"])
+    elif split_eval is not None:
+        eval_ds = tokenize(recipe.data, tokenizer, split_eval)
     train_ds = tokenize(recipe.data, tokenizer, records)
 
     args = recipe.training_args()
@@ -356,7 +372,28 @@ def build(recipe: Recipe):
             trainer, recipe.samples.prompts, recipe.samples.ranks, max_new_tokens=recipe.samples.max_new_tokens,
             template=recipe.data.template, chat_template=False,
         ))
-    return trainer
+    return trainer, held_record
+
+
+def _held_out_recipe(recipe: Recipe, held: dict[str, Any], source_dir: Path, folder: Path) -> Recipe:
+    """`recipe` with its data the records the run in `source_dir` held back for healing (`held`: its
+    record), written to `folder` as JSONL, and its eval set the run's own (written there too when
+    eval_size split it off `data`); refused if `data` no longer holds exactly those records."""
+    from .data import digest, load_records, split_records
+
+    _, eval_part, part = split_records(load_records(recipe.data), holdout=held["holdout"], seed=held["split_seed"],
+                                       eval_size=recipe.eval_size if recipe.eval_data is None else None)
+    if len(part) != held["records"] or digest(part) != held["sha256"]:
+        raise InputError(f"the run in {source_dir} held back {held['records']} records of {recipe.data.path} for "
+                         f"healing (heal.holdout {held['holdout']}, split seed {held['split_seed']}), and that data "
+                         "no longer gives them: heal with the data the run trained on")
+    part.to_json(str(folder / "heal.jsonl"), lines=True)
+    data = dataclasses.replace(recipe.data, path=str(folder / "heal.jsonl"), limit=None)
+    eval_data = recipe.eval_data
+    if eval_part is not None:
+        eval_part.to_json(str(folder / "eval.jsonl"), lines=True)
+        eval_data = dataclasses.replace(recipe.data, path=str(folder / "eval.jsonl"), limit=None)
+    return dataclasses.replace(recipe, data=data, eval_data=eval_data, eval_size=None)
 
 
 def check_start_adapter(recipe: Recipe) -> None:
@@ -407,12 +444,12 @@ def sweep(trainer: Any, settings: SweepSettings, out_dir: str | os.PathLike) -> 
     return trainer.rank_sweep
 
 
-def record(trainer: Any, adapter_dir: str | os.PathLike) -> None:
-    """qdylora_config.json beside the saved adapter, with this run's sweep (or none: a sweep
-    left there by an earlier run is replaced)."""
+def record(trainer: Any, adapter_dir: str | os.PathLike, held: dict[str, Any] | None = None) -> None:
+    """qdylora_config.json beside the saved adapter, with this run's sweep and the records it held
+    back for healing (`build`'s; none of either: what an earlier run left there is replaced)."""
     if trainer.is_world_process_zero():
         sweep = trainer.rank_sweep.to_dict(samples=False) if trainer.rank_sweep is not None else None
-        trainer.qdylora_config.save_pretrained(adapter_dir, sweep=sweep)
+        trainer.qdylora_config.save_pretrained(adapter_dir, sweep=sweep, **{HELD_OUT: held})
 
 
 def export(adapter_dir: str | os.PathLike, settings: ExportSettings) -> dict[int, Path]:

@@ -157,6 +157,74 @@ def test_healing_measures_on_the_runs_own_eval_records(tiny_llama, arithmetic_da
     assert info["healed_" + metric] == pytest.approx(info["cut_" + metric], rel=1e-5)
 
 
+def test_holdout_heals_on_records_the_run_never_saw(tiny_llama, arithmetic_data, tmp_path):
+    """heal.holdout: the run holds back that fraction of its training records (after eval_size's split,
+    same seed) and trains on the rest; qdylora_config.json records which; each healing trains on exactly
+    those records and measures on the run's eval records: bit for bit a by-hand `lora_model_dir:` run on
+    them. Changed data, or holdout asked of a run that held nothing back: one line, nothing written."""
+    import datasets
+
+    from qdylora.data import digest, load_tokenizer, split_records, tokenize
+    from qdylora.recipe import Recipe
+    from qdylora.workflow import build
+
+    data = tmp_path / "train.jsonl"
+    shutil.copy(arithmetic_data[0], data)
+    run_dir = tmp_path / "run"
+    cfg = _yaml(tmp_path, "run.yaml", tiny_llama, (data, None), run_dir, eval_size=0.25,
+                lora={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}, sweep={"ranks": [2, 8], "methods": ["svd"]},
+                heal={"rank": 2, "holdout": 0.25})
+    raw = yaml.safe_load(cfg.read_text())
+    del raw["eval_data"]
+    cfg.write_text(yaml.safe_dump(raw))
+    records = datasets.load_dataset("json", data_files=str(data), split="train")
+    train, evals, held = split_records(records, eval_size=0.25, holdout=0.25, seed=42)  # training.seed: 42
+    assert (len(train), len(evals), len(held)) == (36, 16, 12)
+    trainer, record = build(Recipe.from_yaml(cfg))  # what the run trains on: the rest only
+    assert len(trainer.train_dataset) == 36 and len(trainer.eval_dataset) == 16
+    assert record == {"holdout": 0.25, "split_seed": 42, "records": 12, "sha256": digest(held)}
+    spec = Recipe.from_yaml(cfg).data
+    assert trainer.train_dataset["input_ids"] == tokenize(spec, load_tokenizer(str(tiny_llama)), train)["input_ids"]
+    del trainer
+
+    res = _invoke(["train", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert json.loads((run_dir / "qdylora_config.json").read_text())["heal_data"] == record
+    info = json.loads((run_dir / "qdylora-healed" / "rank-2" / "qdylora_heal.json").read_text())
+    assert info["held_out_records"] == 12 and "on the 12 records the run held back" in res.output
+
+    held.to_json(str(tmp_path / "held.jsonl"), lines=True)
+    evals.to_json(str(tmp_path / "evals.jsonl"), lines=True)
+    cut = tmp_path / "cut"
+    assert _invoke(["export", "adapter", str(run_dir), "--rank", "2", "--method", "svd", "--out", str(cut)]).exit_code == 0
+    by_hand = _yaml(tmp_path, "h.yaml", tiny_llama, (tmp_path / "held.jsonl", tmp_path / "evals.jsonl"),
+                    tmp_path / "by-hand", lora_model_dir=str(cut),
+                    training={"output_dir": str(tmp_path / "by-hand"), "max_steps": 1, "learning_rate": 0.003,
+                              "lr_scheduler_type": "constant", "seed": 142, "per_device_train_batch_size": 4,
+                              "logging_steps": 2, "disable_tqdm": True}, sweep={"ranks": [2], "methods": ["svd"]})
+    assert _invoke(["train", str(by_hand)]).exit_code == 0
+    want = load_file(tmp_path / "by-hand" / "adapter_model.safetensors")
+    got = load_file(run_dir / "qdylora-healed" / "rank-2" / "adapter_model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    by_hand_sweep = json.loads((tmp_path / "by-hand" / "qdylora_config.json").read_text())["sweep"]
+    assert info["healed_" + info["metric"]] == by_hand_sweep["results"]["2"][info["metric"]]
+
+    before = _tree(run_dir)
+    data.write_text("".join(data.read_text().splitlines(keepends=True)[1:]))  # one record fewer
+    res = _invoke(["heal", str(cfg), "--rank", "2", "--out", str(tmp_path / "o")])
+    lines = [line for line in res.output.splitlines() if line.startswith("Error")]  # (datasets' progress bar too)
+    assert res.exit_code == 2 and len(lines) == 1 and "no longer gives them" in lines[0], res.output
+    plain = tmp_path / "plain"
+    shutil.copytree(run_dir, plain, ignore=shutil.ignore_patterns("qdylora-healed"))
+    stored = json.loads((plain / "qdylora_config.json").read_text())
+    stored["heal_data"] = None  # as a run trained without heal.holdout
+    (plain / "qdylora_config.json").write_text(json.dumps(stored))
+    res = _invoke(["heal", str(cfg), "--rank", "2", "--adapter", str(plain), "--out", str(tmp_path / "o")])
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1 and "held nothing back" in lines[0], res.output
+    assert not (tmp_path / "o").exists() and _tree(run_dir) == before
+
+
 def test_heal_refuses_bad_input_before_training_and_never_touches_the_run(cut, tmp_path):
     folder, _, cfg = cut
     run_dir = folder.parent.parent

@@ -233,6 +233,11 @@ def _(w):
     return ["train", w.yaml(eval_size=0.25, split_seed="abc")], "split_seed must be an integer", [], [w.path("run")]
 
 
+@row("train/heal-holdout-not-a-fraction")
+def _(w):
+    return ["train", w.yaml(heal={"rank": 2, "holdout": 1.5})], "heal: holdout must be a fraction", [], [w.path("run")]
+
+
 @row("train/r-min-above-lora-r")
 def _(w):
     return ["train", w.yaml(qdylora={"r_min": 9})], "r_max must be an integer >= r_min", [], [w.path("run")]

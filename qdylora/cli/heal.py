@@ -20,11 +20,12 @@ from .params import RankList, UserError, settings_options
 @click.option("--adapter", "adapter_dir", default=None, type=click.Path(),
               help="The run's adapter folder (default: the CONFIG's training.output_dir).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@settings_options(HealSettings, skip=("rank",))
+@settings_options(HealSettings, skip=("rank", "holdout"))  # holdout: the run's record decides (workflow.heal)
 def heal(config: str, rank: str | None, ranks: list | None, out: str, adapter_dir, overwrite: bool,
          **settings) -> None:
-    """Heal rank b of the run CONFIG trained: its cut, trained alone on the same data for a tenth of
-    the run's steps at 0.3x its learning rate (what matched a run trained for rank b in benchmarks/).
+    """Heal rank b of the run CONFIG trained: its cut, trained alone on the same data (on the records the
+    run held back for healing, if heal.holdout made it hold some) for a tenth of the run's steps at 0.3x
+    its learning rate (what matched a run trained for rank b in benchmarks/).
     CONFIG's heal: section, if any, gives the defaults (a list in heal.rank works as --ranks); the
     options override it."""
     import dataclasses
