@@ -337,7 +337,8 @@ class HealSettings:
 
     rank: int | Literal["recommended"] | list[int | Literal["recommended"]] | None = setting(
         None, "The rank to heal, or 'recommended' (the sweep's pick), or a list of them (each healed on its own). The "
-        "train YAML's heal: section needs it and heals into <output_dir>/qdylora-healed/rank-<b>/; `qdylora heal` "
+        "train YAML's heal: section needs it (unless it only sets holdout) and heals into "
+        "<output_dir>/qdylora-healed/rank-<b>/; `qdylora heal` "
         "takes --rank or --ranks; with Axolotl the plugin writes each cut and its healing run's config "
         "(<output_dir>/qdylora-healed/rank-<b>.yml).",
     )
@@ -358,7 +359,8 @@ class HealSettings:
     holdout: float | None = setting(
         None, "A fraction of the training data (0 < holdout < 1) the run holds back for healing: the run trains on "
         "the rest, each healing on those records only, which the adapter never saw (split at random with the "
-        "run's split_seed, after eval_size; the run records which, and `qdylora heal` uses them). On GSM8K, at "
+        "run's split_seed, after eval_size; the run records which, and `qdylora heal` uses them; alone, without "
+        "rank, it only holds them back, also under accelerate launch). On GSM8K, at "
         "the same compute, 0.994-0.997x the usual healing's validation loss at every rank, both seeds "
         "(benchmarks/results/real.md). Not with Axolotl (it prepares the data).",
         axolotl=False,
@@ -422,6 +424,8 @@ def check_heal(heal: HealSettings, config: QDyLoraConfig, sweep: SweepSettings, 
     read at (`export_problem`, as for the exports); an eval metric to choose between several cuts.
     `config` is resolved (r_max known); `key` names the settings as the user wrote them (`HEAL_KEYS`)."""
     key = key or HEAL_KEYS
+    if heal.rank is None and heal.holdout is not None:
+        return  # the run only holds records back, for a `qdylora heal` later (e.g. after a multi-process run)
     if heal.rank is None:
         raise InputError(f"give the rank to heal: {key['rank']}: B (an integer) or {key['rank']}: recommended "
                          "(the sweep's pick)")

@@ -58,9 +58,9 @@ def run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False) -> Run
 
     out = Path(recipe.training["output_dir"])
     recipe.training_args()  # TrainingArguments' own checks (optim name, bf16 on this machine, ...)
-    if recipe.heal is not None and world_size() > 1:
-        raise InputError("heal: healing runs in one process; drop the heal: section under accelerate launch and "
-                         "heal afterwards (qdylora heal, or lora_model_dir: in a train YAML)")
+    if recipe.heal is not None and recipe.heal.ranks and world_size() > 1:
+        raise InputError("heal: healing runs in one process; drop heal.rank under accelerate launch (heal.holdout alone "
+                         "still holds records back) and heal afterwards (qdylora heal, or lora_model_dir: in a train YAML)")
     checkpoint = check_output_dir(out, overwrite=overwrite, resume=resume)
     existed = out.exists()
     try:

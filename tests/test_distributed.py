@@ -216,12 +216,15 @@ def test_bad_setup_fails_on_every_process_before_training(setup, extra, message)
 
 def test_recipe_runs_under_accelerate_launch_with_the_ddp_example(setup):
     """`accelerate launch --config_file examples/accelerate/ddp.yaml -m qdylora.cli train` on 2 CPU
-    processes; global_batch_size 4 = 2 processes x 1 x 2 accumulation steps."""
+    processes; global_batch_size 4 = 2 processes x 1 x 2 accumulation steps. `heal: {holdout: 0.25}`
+    alone holds a quarter of the records back on both processes (8 of 32: one step sees 4 of the 24
+    left), and `qdylora heal` afterwards, in one process, heals on those."""
     out = setup["dir"] / "recipe-ddp"
     recipe = setup["dir"] / "recipe.yaml"
     recipe.write_text(json.dumps({
         "model": setup["model"], "compute_dtype": "float32", "data": {"path": setup["data"], "max_length": 32},
         "lora": {"r": R, "lora_alpha": 16, "lora_dropout": 0.0}, "global_batch_size": 4, "sweep": {"enabled": False},
+        "heal": {"holdout": 0.25},
         "training": {"output_dir": str(out), "per_device_train_batch_size": 1, "max_steps": 2, "logging_steps": 1,
                      "use_cpu": True, "disable_tqdm": True},
     }))  # JSON is YAML
@@ -232,6 +235,12 @@ def test_recipe_runs_under_accelerate_launch_with_the_ddp_example(setup):
            "-m", "qdylora.cli", "train", str(recipe)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     ok(proc)
-    assert "'epoch': '0.125'" in proc.stdout  # after one step: 4 of the 32 records seen
+    assert "'epoch': '0.1667'" in proc.stdout  # after one step: 4 of the 24 records not held back
     assert proc.stdout.count("written to") == 1  # both processes trained (the epoch above); the main one reports
     assert json.loads((out / "adapter_config.json").read_text())["r"] == R
+    assert json.loads((out / "qdylora_config.json").read_text())["heal_data"]["records"] == 8
+    assert not (out / "qdylora-healed").exists()
+    cmd = [sys.executable, "-m", "qdylora.cli", "heal", str(recipe), "--rank", "2", "--out", str(setup["dir"] / "healed")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    ok(proc)
+    assert json.loads((setup["dir"] / "healed" / "qdylora_heal.json").read_text())["held_out_records"] == 8
