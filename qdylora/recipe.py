@@ -4,7 +4,7 @@
     load_in_4bit: true                # NF4 + double quant (QLoRA)
     data: {path: train.jsonl, prompt_field: question, answer_field: answer, max_length: 512}
     eval_data: {path: val.jsonl}      # or eval_size: 0.05 to hold out part of `data`
-    split_seed: 0                     # optional: the seed of eval_size's split (unset: training.seed)
+    split_seed: 0                     # optional: the seed of the eval_size and heal.holdout splits (unset: training.seed)
     lora: {r: 64, lora_alpha: 16, target_modules: all-linear, lora_dropout: 0.05}
     # or lora_model_dir: ./run/qdylora-exports/rank-4  # start from this PEFT adapter (Axolotl's key)
     qdylora: {r_min: 1, distribution: uniform}  # or {preset: balanced, ...}: QDyLoraConfig.preset
@@ -57,7 +57,7 @@ class Recipe:
     qdylora: QDyLoraConfig = field(default_factory=QDyLoraConfig)
     eval_data: DataSpec | None = None
     eval_size: float | int | None = None
-    split_seed: int | None = None  # the seed of eval_size's split; unset: training.seed (see `data_split_seed`)
+    split_seed: int | None = None  # the seed of the eval_size / heal.holdout splits; unset: training.seed
     load_in_4bit: bool = True
     compute_dtype: str | None = None
     quant_storage: str | None = None
@@ -107,7 +107,7 @@ class Recipe:
             raise InputError(f"eval_size must be a fraction in (0, 1) or a number of records >= 1, got {eval_size!r}")
         split_seed = raw.get("split_seed")
         if split_seed is not None and not is_int(split_seed):
-            raise InputError(f"split_seed must be an integer (the seed of eval_size's split), got {split_seed!r}")
+            raise InputError(f"split_seed must be an integer (the seed of the eval_size split), got {split_seed!r}")
         batch = raw.get("global_batch_size")
         if batch is not None and (not is_int(batch) or batch < 1):
             raise InputError(f"global_batch_size must be an integer >= 1, got {batch!r}")
@@ -161,8 +161,8 @@ class Recipe:
 
     @property
     def data_split_seed(self) -> int:
-        """The seed `eval_size` splits `data` with: `split_seed`, else training.seed (TrainingArguments'
-        default 42). A healing run keeps its run's (its own training seed differs), so it trains on the
+        """The seed `eval_size` and heal.holdout split `data` with (`data.split_records`): `split_seed`,
+        else training.seed (TrainingArguments' default 42). A healing run keeps its run's (its own training seed differs), so it trains on the
         run's training records and measures on the run's eval records."""
         return self.split_seed if self.split_seed is not None else int(self.training.get("seed", 42))
 

@@ -7,8 +7,9 @@ changes, so that `axolotl train <that file>` (from where the run started: its re
 trains the cut alone by `HealSettings`' rule, as `qdylora heal` does for a qdylora YAML, into
 `<output_dir>/qdylora-healed/rank-<b>/`, and measures rank b on the same eval set
 (its rank_sweep.json; with `val_set_size` the config keeps the run's `seed`, which Axolotl
-shuffles and splits the data with, so the healing trains and measures on the run's split). With several `qdylora_heal_method`s, one cut and one config per method
-(`rank-<b>-<method>.yml`): run each and keep the lower eval loss.
+shuffles and splits the data with, so the healing trains and measures on the run's split). With
+several `qdylora_heal_method`s, one cut and one config per method (`rank-<b>-<method>.yml`): run
+each and keep the lower eval loss.
 
 Why a config and not the training itself: in `post_train` the run's model, optimizer state and
 process group are still alive (two models would not fit where one barely does, and a second
