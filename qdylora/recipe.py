@@ -244,7 +244,7 @@ def _check_heal(heal: HealSettings, resolved: QDyLoraConfig, sweep: SweepSetting
     """What `heal:` needs from the run, checked before training: `check_heal`'s rules, and steps
     to take a fraction of."""
     check_heal(heal, resolved, sweep, has_eval)
-    if heal.steps is None and int(training.get("max_steps", -1)) <= 0:
+    if heal.ranks and heal.steps is None and int(training.get("max_steps", -1)) <= 0:  # (holdout alone heals nothing)
         raise InputError("heal: training has no max_steps to take heal.steps_fraction of; give heal.steps")
 
 

@@ -364,6 +364,10 @@ def test_bad_heal_section_is_one_line_before_training(tiny_llama, arithmetic_dat
     fails("heal key", heal={"rank": 2, "stpes": 3})
     fails("no max_steps", heal={"rank": 2},
           training={"output_dir": str(tmp_path / "o"), "num_train_epochs": 1, "disable_tqdm": True})
+    from qdylora.recipe import Recipe  # holdout alone heals nothing now: an epoch-based run is fine
+    epochs = _yaml(tmp_path, "e.yaml", tiny_llama, arithmetic_data, tmp_path / "o", heal={"holdout": 0.1},
+                   training={"output_dir": str(tmp_path / "o"), "num_train_epochs": 1})
+    assert Recipe.from_yaml(epochs).heal.holdout == 0.1
     # healing runs in one process: refused under a launcher before anything is trained or written
     from qdylora.recipe import Recipe
     from qdylora.workflow import InputError, run
