@@ -361,8 +361,8 @@ class HealSettings:
         "the rest, each healing on those records only, which the adapter never saw (split at random with the "
         "run's split_seed, after eval_size; the run records which, and `qdylora heal` uses them; alone, without "
         "rank, it only holds them back, also under accelerate launch). On GSM8K, at "
-        "the same compute, 0.994-0.997x the usual healing's validation loss at every rank, both seeds "
-        "(benchmarks/results/real.md). Not with Axolotl (it prepares the data).",
+        "the same compute, 0.993-0.998x the usual healing's validation loss at ranks 1-64, both seeds; not "
+        "confirmed on the demo task (benchmarks/results/real.findings.md). Not with Axolotl (it prepares the data).",
         axolotl=False,
     )
     seed_offset: int = setting(

@@ -162,9 +162,14 @@ class Recipe:
     @property
     def data_split_seed(self) -> int:
         """The seed `eval_size` and heal.holdout split `data` with (`data.split_records`): `split_seed`,
-        else training.seed (TrainingArguments' default 42). A healing run keeps its run's (its own training seed differs), so it trains on the
-        run's training records and measures on the run's eval records."""
+        else training.seed (TrainingArguments' default 42). A healing run keeps its run's (its own
+        training seed differs), so it trains on the run's training records and measures on its eval records."""
         return self.split_seed if self.split_seed is not None else int(self.training.get("seed", 42))
+
+    @property
+    def eval_split_size(self) -> float | int | None:
+        """How much of `data` the eval set is split off (`eval_size`); None with `eval_data` (its own file)."""
+        return self.eval_size if self.eval_data is None else None
 
     def lora_config(self):
         from peft import LoraConfig

@@ -325,8 +325,8 @@ def build(recipe: Recipe) -> tuple[Any, dict[str, Any] | None]:
 
     # eval_size's part (without eval_data), then heal.holdout's of the rest: the records the healings train on
     records, split_eval, held = split_records(
-        records, eval_size=recipe.eval_size if recipe.eval_data is None else None,
-        holdout=recipe.heal.holdout if recipe.heal is not None else None, seed=recipe.data_split_seed)
+        records, eval_size=recipe.eval_split_size, holdout=recipe.heal.holdout if recipe.heal is not None else None,
+        seed=recipe.data_split_seed)
     held_record = None if held is None else {
         "holdout": recipe.heal.holdout, "split_seed": recipe.data_split_seed, "records": len(held),
         "sha256": digest(held)}
@@ -381,8 +381,8 @@ def _held_out_recipe(recipe: Recipe, held: dict[str, Any], source_dir: Path, fol
     eval_size split it off `data`); refused if `data` no longer holds exactly those records."""
     from .data import digest, load_records, split_records
 
-    _, eval_part, part = split_records(load_records(recipe.data), holdout=held["holdout"], seed=held["split_seed"],
-                                       eval_size=recipe.eval_size if recipe.eval_data is None else None)
+    _, eval_part, part = split_records(load_records(recipe.data), eval_size=recipe.eval_split_size,
+                                       holdout=held["holdout"], seed=held["split_seed"])
     if len(part) != held["records"] or digest(part) != held["sha256"]:
         raise InputError(f"the run in {source_dir} held back {held['records']} records of {recipe.data.path} for "
                          f"healing (heal.holdout {held['holdout']}, split seed {held['split_seed']}), and that data "
