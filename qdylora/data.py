@@ -11,6 +11,8 @@ from .errors import InputError, first_line, is_int
 
 # Field pairs recognised when none are given: TRL's prompt-completion, GSM8K, Alpaca.
 KNOWN_FIELDS = (("prompt", "completion"), ("question", "answer"), ("instruction", "output"))
+# local data files below this size are read without datasets' progress bar (they take under a second)
+QUIET_LOAD_BYTES = 32 * 2**20
 
 
 @dataclass
@@ -75,11 +77,19 @@ def load_records(spec: DataSpec):
 
     if is_local(spec.path):
         check_data_file(spec.path)
+        # datasets' "Generating train split" bar only where reading takes a while: for a small
+        # file it is noise, printed before the field checks' one-line errors
+        quiet = Path(spec.path).stat().st_size < QUIET_LOAD_BYTES and not datasets.are_progress_bars_disabled()
+        if quiet:
+            datasets.disable_progress_bars()
         try:
             ds = datasets.load_dataset("json", data_files=str(spec.path), split="train")
         except Exception as exc:  # malformed JSON lines
             first = first_line(exc)
             raise InputError(f"could not read {spec.path} as JSON/JSONL: {first}") from exc
+        finally:
+            if quiet:
+                datasets.enable_progress_bars()
     else:
         try:
             ds = datasets.load_dataset(spec.path, spec.name, split=spec.split)

@@ -297,6 +297,9 @@ def check_output_dir(out: Path, *, overwrite: bool, resume: bool) -> str | None:
     if not weights.is_file():
         raise InputError(f"--resume: {last} has no {WEIGHTS_NAME}; the checkpoint is incomplete")
     tensor_shapes(weights)  # a truncated checkpoint is refused here, not after loading the model
+    refused = _refused_pickle(Path(last))  # and an optimizer/scheduler/rng file torch will not unpickle
+    if refused is not None:
+        raise InputError(_refused_pickle_message(refused))
     return last
 
 
@@ -424,11 +427,7 @@ def train_from(trainer: Any, checkpoint: str | None) -> None:
     except pickle.UnpicklingError as exc:
         if checkpoint is None:
             raise
-        refused = _refused_pickle(Path(checkpoint)) or checkpoint
-        raise InputError(
-            f"--resume: {refused} was refused: it is not a plain tensor file (torch.load(weights_only=True) "
-            f"would have to run code from it); delete that checkpoint or resume from another"
-        ) from exc
+        raise InputError(_refused_pickle_message(_refused_pickle(Path(checkpoint)) or checkpoint)) from exc
 
 
 def sweep(trainer: Any, settings: SweepSettings, out_dir: str | os.PathLike) -> SweepResult | None:
@@ -560,11 +559,23 @@ def _refused_pickle(checkpoint: Path) -> Path | None:
     import torch
 
     for path in sorted([*checkpoint.glob("*.pt"), *checkpoint.glob("*.pth")]):
-        try:
-            torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError):
+        try:  # mmap: the pickle is checked, the tensors' bytes are not read (cheap for a large optimizer.pt)
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):  # else a legacy (non-zip) file: check it the slow way
+                return path
+            try:
+                torch.load(path, map_location="cpu", weights_only=True)
+            except (pickle.UnpicklingError, RuntimeError, EOFError):
+                return path
+        except (pickle.UnpicklingError, EOFError):
             return path
     return None
+
+
+def _refused_pickle_message(path: Path | str) -> str:
+    return (f"--resume: {path} was refused: it is not a plain tensor file (torch.load(weights_only=True) "
+            f"would have to run code from it); delete that checkpoint or resume from another")
 
 
 def _remove_empty_tree(folder: Path) -> None:

@@ -111,6 +111,9 @@ def refused(args: list[str], needle: str, inputs: list[Path], outputs: list[Path
     errors = [line for line in text.splitlines() if line.startswith("Error")]
     assert len(errors) == 1, text
     assert needle in errors[0], (needle, text)
+    # and nothing else on the terminal (click's usage lines aside): no library banner or progress bar
+    others = [line for line in text.splitlines() if line.strip() and not line.startswith(("Error", "Usage:", "Try '"))]
+    assert not others, text
     assert digest(inputs) == before, f"{args} changed an input"
     for p, was in existed.items():
         assert (p.exists() or p.is_symlink()) == was, f"{args} left {p} behind"
